@@ -1,0 +1,49 @@
+# dicomnode — the two quick-start commands are `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+APT_PACKAGES := dcmtk orthanc dicom3tools mricron-data invesalius-examples
+PYTEST_ARGS ?=
+
+.PHONY: setup setup-dev apt run test test-fast bench lint typecheck container-test clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Debian peers used by the tests: DCMTK, Orthanc, dicom3tools (dciodvfy), real test data.
+apt:
+	@missing=""; \
+	for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+run: setup
+	$(VENV)/bin/dicomnode db upgrade
+	$(VENV)/bin/dicomnode serve
+
+test: setup apt
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not container" $(PYTEST_ARGS)
+
+bench: setup apt
+	$(PY) -m benchmarks
+
+lint: setup
+	$(VENV)/bin/ruff check dicomnode tests benchmarks
+	$(VENV)/bin/mypy dicomnode
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,223 @@
+"""Small frozen value objects passed between stages.
+
+Stages (receive, store, infer, encode, dispatch, worker) exchange only these
+types (plus pydicom datasets where a DICOM object is the value). They hold no
+behaviour beyond trivial derived properties.
+
+Array conventions
+-----------------
+* A :class:`Volume` array is indexed ``[k, row, column]``: ``k`` follows the
+  frames in :attr:`Volume.frames` (sorted along the slice normal), ``row`` and
+  ``column`` are the DICOM rows and columns of each source frame, untouched.
+* ``Volume.affine`` maps the voxel index ``(k, row, column, 1)`` to patient
+  coordinates (LPS, millimetres), exactly as DICOM defines them.
+* Segmentation masks live on that same grid: ``masks[label_index, k, row, col]``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+# --------------------------------------------------------------------------- receive / store
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    """One stored DICOM instance."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: Path
+    transfer_syntax_uid: str = ""
+    instance_number: int | None = None
+
+
+@dataclass(frozen=True)
+class SeriesRef:
+    """A version of a series as the store knows it.
+
+    ``version`` starts at 1 and is incremented when an instance arrives after
+    the series was declared complete; each version becomes one job.
+    """
+
+    study_uid: str
+    series_uid: str
+    version: int
+    modality: str = ""
+    instance_count: int = 0
+    calling_aet: str = ""
+    called_aet: str = ""
+
+
+class JobState(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    SUPERSEDED = "superseded"
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    study_uid: str
+    series_uid: str
+    series_version: int
+    state: JobState
+    attempts: int = 0
+    priority: int = 0
+    not_before: datetime | None = None
+    lease_until: datetime | None = None
+    worker_id: str | None = None
+    last_error: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class DeliveryState(str, enum.Enum):
+    PENDING = "pending"
+    SENDING = "sending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class CodedConcept:
+    """A coded concept (value, scheme designator, meaning), e.g. SNOMED CT."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """One segmentation output label, as declared in a model manifest."""
+
+    value: int  # 1-based segment number / label value in the model output
+    name: str
+    category: CodedConcept  # Segmented Property Category
+    type: CodedConcept  # Segmented Property Type
+    color: tuple[int, int, int] = (255, 0, 0)  # RGB 0-255
+    anatomic_region: CodedConcept | None = None
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """One classification output class."""
+
+    index: int
+    name: str
+    code: CodedConcept
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity of a model, carried into every object the node emits."""
+
+    name: str
+    version: str
+    description: str = ""
+    family: Literal["AI", "rule-based"] = "AI"
+    authors: str = ""
+    licence: str = ""
+    citation: str = ""
+    intended_use: str = ""
+    weights_sha256: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- volumes
+
+
+@dataclass(frozen=True)
+class FrameRef:
+    """Which source frame a volume slice came from."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    frame_number: int | None = None  # 1-based for multi-frame sources, None otherwise
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """A 3D image built from a DICOM series, in source geometry.
+
+    ``array`` is float32 after Rescale Slope/Intercept (HU for CT).
+    """
+
+    array: np.ndarray  # (k, rows, columns) float32
+    affine: np.ndarray  # 4x4, voxel (k, row, col) -> patient LPS mm
+    frames: tuple[FrameRef, ...]  # len == array.shape[0]
+    study_uid: str
+    series_uid: str
+    frame_of_reference_uid: str
+    modality: str
+    paths: tuple[Path, ...] = ()  # source files, for encoders that need the datasets
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel spacing (k, row, column) in mm, derived from the affine."""
+        a = np.asarray(self.affine, dtype=float)
+        return tuple(float(np.linalg.norm(a[:3, i])) for i in range(3))  # type: ignore[return-value]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One number a model reports, for a label (segmentation) or the series."""
+
+    name: Literal["volume", "mean", "min", "max", "std"]
+    value: float
+    unit: str  # UCUM: "ml", "[hnsf'U]" for HU, "1" for unitless
+    label_value: int | None = None  # LabelSpec.value it belongs to
+
+
+@dataclass(frozen=True, eq=False)
+class SegmentationOutput:
+    """Binary masks (and optionally probabilities) on the source grid."""
+
+    labels: tuple[LabelSpec, ...]
+    masks: np.ndarray  # bool (n_labels, k, rows, columns), same order as labels
+    probabilities: np.ndarray | None = None  # float32 in [0,1], same shape, or None
+
+
+@dataclass(frozen=True, eq=False)
+class ClassificationOutput:
+    spec: ClassSpec
+    probability: float
+    saliency: np.ndarray | None = None  # float32 (k, rows, columns) in [0,1], source grid
+
+    @property
+    def positive(self) -> bool:
+        return self.probability >= self.spec.threshold
+
+
+@dataclass(frozen=True, eq=False)
+class InferenceResult:
+    """Everything a model run produced for one series version."""
+
+    model: ModelInfo
+    volume: Volume
+    segmentation: SegmentationOutput | None = None
+    classifications: tuple[ClassificationOutput, ...] = ()
+    measurements: tuple[Measurement, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
