@@ -90,6 +90,40 @@ class DeliveryState(str, enum.Enum):
     FAILED = "failed"
 
 
+@dataclass(frozen=True)
+class OutputObject:
+    """A DICOM object the node produced for a job (SEG, SR, SC ...).
+
+    ``path`` is absolute when returned by the store; when handed to the store
+    it must lie under ``storage.path`` (see ``Store.write_output``).
+    """
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: Path
+    kind: str = ""  # "seg" | "sr" | "sc" | ...
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One output object queued for one destination (the outbox)."""
+
+    id: int
+    job_id: int
+    destination: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: Path
+    state: DeliveryState
+    attempts: int = 0
+    not_before: datetime | None = None
+    deadline: datetime | None = None
+    last_error: str | None = None
+    peer_status: int | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
 # --------------------------------------------------------------------------- models
 
 
