@@ -107,7 +107,7 @@ class Condition:
 
 
 @dataclass(frozen=True)
-class Delivery:
+class SendTarget:
     """Which result formats one destination receives."""
 
     destination: str
@@ -127,7 +127,7 @@ class Rule:
     conditions: tuple[Condition, ...] = ()
     default: bool = False
     models: tuple[str, ...] = ()
-    send: tuple[Delivery, ...] = ()
+    send: tuple[SendTarget, ...] = ()
     forward: tuple[str, ...] = ()
     priority: int = 0
     discard: bool = False
@@ -147,7 +147,7 @@ class RouteDecision:
 
     rule: Rule | None
     models: tuple[str, ...] = ()
-    send: tuple[Delivery, ...] = ()
+    send: tuple[SendTarget, ...] = ()
     forward: tuple[str, ...] = ()
     priority: int = 0
     discard: bool = False
@@ -322,7 +322,7 @@ def _parse_rule(
             raise _fail(where, key, f"unknown destination {dest!r} (known: {known})")
         return dest
 
-    send: list[Delivery] = []
+    send: list[SendTarget] = []
     raw_send = raw.get("send", [])
     if isinstance(raw_send, str | Mapping):
         raw_send = [raw_send]
@@ -348,7 +348,7 @@ def _parse_rule(
             formats = list(destinations[dest].formats)
         if any(d.destination == dest for d in send):
             raise _fail(where, key, f"destination {dest!r} is listed twice")
-        send.append(Delivery(dest, tuple(dict.fromkeys(formats))))
+        send.append(SendTarget(dest, tuple(dict.fromkeys(formats))))
     if send and not models:
         raise _fail(where, "send", "results are sent only when models: runs at least one model "
                     "(use forward: to pass the original instances on)")

@@ -10,7 +10,7 @@ from pydicom.dataset import Dataset
 
 from dicomnode.config import DestinationConfig, load_settings
 from dicomnode.errors import RoutingError
-from dicomnode.routing import Delivery, RoutingTable
+from dicomnode.routing import RoutingTable, SendTarget
 
 MODELS = {"deepbet-brain", "ct-tissue"}
 DESTS = (
@@ -99,12 +99,12 @@ def test_decision_actions(table: RoutingTable) -> None:
     d = table.match(ds(**MR_T1))
     assert d.models == ("deepbet-brain",)
     # pacs takes its formats from the destination config; viewer overrides them.
-    assert d.send == (Delivery("pacs", ("seg", "sr")), Delivery("viewer", ("sc", "sr")))
+    assert d.send == (SendTarget("pacs", ("seg", "sr")), SendTarget("viewer", ("sc", "sr")))
     assert d.formats_for("viewer") == ("sc", "sr")
     assert d.formats_for("archive") == ()
     assert d.priority == 10 and not d.discard and d.forward == ()
     ct = table.match(ds(Modality="CT"), calling_aet="ORTHANC")
-    assert ct.send == (Delivery("archive", ("seg",)),) and ct.forward == ("archive",)
+    assert ct.send == (SendTarget("archive", ("seg",)),) and ct.forward == ("archive",)
     drop = table.match(ds(ImageType=["DERIVED", "SECONDARY", "LOCALIZER"]))
     assert drop.discard and drop.models == () and drop.forward == ()
 
@@ -265,6 +265,6 @@ def test_from_settings_yaml(tmp_path: Any) -> None:
     }))
     settings = load_settings(cfg, environ={})
     table = RoutingTable.from_settings(settings, MODELS)
-    assert table.match(ds(Modality="CT")).send == (Delivery("pacs", ("seg", "sr")),)
+    assert table.match(ds(Modality="CT")).send == (SendTarget("pacs", ("seg", "sr")),)
     with pytest.raises(RoutingError, match="unknown model 'ct-tissue' \\(known: none installed\\)"):
         RoutingTable.from_settings(settings, set())
