@@ -1,0 +1,60 @@
+"""Helpers shared by the store modules (not part of the public API)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Table
+from sqlalchemy.dialects import postgresql, sqlite
+
+from dicomnode.store import tables as t
+
+studies: Table = t.Study.__table__  # type: ignore[assignment]
+series: Table = t.Series.__table__  # type: ignore[assignment]
+versions: Table = t.SeriesVersion.__table__  # type: ignore[assignment]
+instances: Table = t.Instance.__table__  # type: ignore[assignment]
+jobs: Table = t.JobRow.__table__  # type: ignore[assignment]
+outputs: Table = t.JobOutput.__table__  # type: ignore[assignment]
+deliveries: Table = t.DeliveryRow.__table__  # type: ignore[assignment]
+
+
+def utcnow() -> datetime:
+    """Naive UTC now, the representation stored in the database."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def aware(dt: datetime | None) -> datetime | None:
+    """Database (naive UTC) -> aware UTC for the domain objects."""
+    if dt is None:
+        return None
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+def naive(dt: datetime) -> datetime:
+    """Aware or naive UTC -> naive UTC for the database."""
+    return dt.astimezone(UTC).replace(tzinfo=None) if dt.tzinfo is not None else dt
+
+
+def seconds(s: float) -> timedelta:
+    return timedelta(seconds=float(s))
+
+
+def insert_ignore(conn: Connection, table: Table, values: dict[str, Any],
+                  conflict: list[str]) -> None:
+    """``INSERT ... ON CONFLICT (conflict) DO NOTHING`` on SQLite and PostgreSQL."""
+    name = conn.dialect.name
+    if name == "postgresql":
+        stmt: Any = postgresql.insert(table).values(**values).on_conflict_do_nothing(
+            index_elements=conflict)
+    elif name == "sqlite":
+        stmt = sqlite.insert(table).values(**values).on_conflict_do_nothing(
+            index_elements=conflict)
+    else:  # pragma: no cover - untested backends: plain insert, caller retries on conflict
+        stmt = table.insert().values(**values)
+    conn.execute(stmt)
+
+
+def backoff_seconds(attempts: int, base: float, cap: float) -> float:
+    """Exponential backoff: ``base * 2**(attempts-1)`` bounded by ``cap``."""
+    return float(min(cap, base * (2 ** max(0, attempts - 1))))

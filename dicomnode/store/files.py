@@ -1,0 +1,140 @@
+"""Bytes on disk: validated paths, atomic durable writes, free-space checks.
+
+A file path is built only from validated UIDs, so nothing a peer sends can
+steer a write outside the storage root. Writes go to a temporary file in the
+destination folder, are fsynced, atomically renamed and the folder is fsynced:
+after :func:`atomic_write` returns, the file survives a crash or power loss.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+
+from dicomnode.errors import InvalidInstanceError
+
+# PS3.5 9.1: components of digits separated by '.', at most 64 characters.
+# Leading zeros inside a component are invalid in the standard but emitted by
+# some legacy devices; they cannot affect path safety, so they are tolerated.
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+TMP_SUFFIX = ".tmp"
+INSTANCE_SUFFIX = ".dcm"
+
+
+def is_valid_uid(value: object) -> bool:
+    """True if ``value`` is a DICOM UID usable in a path (digits and dots, <= 64 chars)."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.match(value))
+
+
+def check_uid(name: str, value: object) -> str:
+    """Return ``value`` if it is a valid UID, else raise naming the attribute."""
+    if value is None or value == "":
+        raise InvalidInstanceError(f"{name} is missing")
+    if not is_valid_uid(value):
+        raise InvalidInstanceError(f"{name} {str(value)[:80]!r} is not a valid DICOM UID")
+    return str(value)
+
+
+def instance_relpath(study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+    """Relative path of an instance file: ``<study>/<series>/<sop>.dcm`` (UIDs validated)."""
+    return Path(
+        check_uid("StudyInstanceUID", study_uid),
+        check_uid("SeriesInstanceUID", series_uid),
+        check_uid("SOPInstanceUID", sop_instance_uid) + INSTANCE_SUFFIX,
+    )
+
+
+def output_relpath(job_id: int, sop_instance_uid: str) -> Path:
+    """Relative path of an object the node produced for a job."""
+    return Path("outputs", f"job-{int(job_id)}", check_uid("SOPInstanceUID", sop_instance_uid)
+                + INSTANCE_SUFFIX)
+
+
+_known_dirs: set[str] = set()
+_known_dirs_lock = threading.Lock()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_dir(path: Path, *, fsync: bool = True) -> None:
+    """Create ``path`` (and parents); fsync each new folder's parent so the entry is durable."""
+    key = str(path)
+    if key in _known_dirs:
+        return
+    missing: list[Path] = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            pass
+        if fsync:
+            _fsync_dir(d.parent)
+    with _known_dirs_lock:
+        _known_dirs.add(key)
+
+
+def atomic_write(path: Path, chunks: bytes | list[bytes] | tuple[bytes, ...], *,
+                 fsync: bool = True) -> int:
+    """Write ``chunks`` to ``path`` atomically and durably; return the size written.
+
+    The temporary file is ``<path>.<pid>.<thread>.tmp`` in the same folder, so
+    that concurrent writers of the same instance never share one and start-up
+    reconciliation can delete leftovers (they never got a success status).
+    """
+    path = Path(path)
+    ensure_dir(path.parent, fsync=fsync)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}")
+    if isinstance(chunks, bytes):
+        chunks = (chunks,)
+    size = 0
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        for c in chunks:
+            view = memoryview(c)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+                size += n
+        if fsync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    if fsync:
+        _fsync_dir(path.parent)
+    return size
+
+
+def free_mb(path: Path) -> float:
+    """Free space in MiB on the filesystem holding ``path`` (or its nearest existing parent)."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free / (1024 * 1024)
+
+
+def remove_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,170 @@
+"""Series bookkeeping: instance rows, series versions and completeness.
+
+A series version is ``receiving`` until it is complete: no new instance for
+``completion.series_quiet_seconds``, or at once when the number of instances
+reaches the count the sender announced (Number of Series Related Instances or
+Images in Acquisition). Completion turns the version into exactly one job.
+An instance that arrives after completion opens version N+1 (``receiving``);
+its job will supersede version N's (see :func:`dicomnode.store.queue.enqueue`).
+
+Every state change is a conditional UPDATE (``... WHERE state='receiving'``) so
+that concurrent receivers and the completeness tracker never both win.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, select, update
+
+from dicomnode.domain import Job
+from dicomnode.store import queue
+from dicomnode.store._common import insert_ignore, instances, series, studies, versions
+from dicomnode.store.parse import InstanceMeta
+
+RECEIVING = "receiving"
+COMPLETE = "complete"
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """Outcome of :func:`record_instance`."""
+
+    replaced_path: str | None  # previous file of a replaced instance, if it moved
+    was_duplicate: bool
+    version: int
+    job: Job | None  # set when this instance completed its series version
+
+
+class IdCache:
+    """Per-process cache of study/series ids (they never change once created)."""
+
+    def __init__(self) -> None:
+        self.studies: dict[str, int] = {}
+        self.series: dict[str, int] = {}
+
+
+def study_id(conn: Connection, m: InstanceMeta, now: datetime, cache: IdCache) -> int:
+    sid = cache.studies.get(m.study_uid)
+    if sid is not None:
+        return sid
+    q = select(studies.c.id).where(studies.c.study_uid == m.study_uid)
+    sid = conn.execute(q).scalar()
+    if sid is None:
+        insert_ignore(conn, studies, dict(
+            study_uid=m.study_uid, patient_id=m.patient_id, patient_name=m.patient_name,
+            study_date=m.study_date, accession_number=m.accession_number,
+            description=m.study_description, created_at=now), ["study_uid"])
+        sid = conn.execute(q).scalar_one()
+    cache.studies[m.study_uid] = sid
+    return int(sid)
+
+
+def series_id(conn: Connection, m: InstanceMeta, st_id: int, now: datetime,
+              cache: IdCache) -> int:
+    sid = cache.series.get(m.series_uid)
+    if sid is not None:
+        return sid
+    q = select(series.c.id, series.c.study_id).where(series.c.series_uid == m.series_uid)
+    row = conn.execute(q).first()
+    if row is None:
+        insert_ignore(conn, series, dict(
+            study_id=st_id, series_uid=m.series_uid, modality=m.modality,
+            description=m.series_description, series_number=m.series_number,
+            current_version=1, created_at=now), ["series_uid"])
+        row = conn.execute(q).one()
+    cache.series[m.series_uid] = int(row.id)
+    return int(row.id)
+
+
+def _touch_version(conn: Connection, se_id: int, m: InstanceMeta, inc: int,
+                   now: datetime) -> tuple[int, int, int, int | None]:
+    """Count an instance into the open version (creating one if needed).
+
+    Returns ``(version row id, version, instance_count, expected_count)``.
+    """
+    cur = conn.execute(
+        select(versions.c.id, versions.c.version, versions.c.state, versions.c.instance_count)
+        .where(versions.c.series_id == se_id).order_by(versions.c.version.desc()).limit(1)
+    ).first()
+    if cur is not None:
+        values: dict[str, Any] = dict(last_received_at=now,
+                                      instance_count=versions.c.instance_count + inc)
+        if m.expected_count:
+            values["expected_count"] = m.expected_count
+        res = conn.execute(update(versions).where(
+            versions.c.id == cur.id, versions.c.state == RECEIVING).values(**values))
+        if res.rowcount == 1:
+            r = conn.execute(select(versions.c.instance_count, versions.c.expected_count)
+                             .where(versions.c.id == cur.id)).one()
+            return cur.id, cur.version, r.instance_count, r.expected_count
+        prev_count = conn.execute(select(versions.c.instance_count)
+                                  .where(versions.c.id == cur.id)).scalar_one()
+        new_version = cur.version + 1
+    else:
+        prev_count, new_version = 0, 1
+    # A unique-constraint race here (two receivers opening the same version on
+    # PostgreSQL) raises IntegrityError; Store retries the whole transaction.
+    vid = conn.execute(versions.insert().values(
+        series_id=se_id, version=new_version, state=RECEIVING,
+        instance_count=prev_count + inc, expected_count=m.expected_count,
+        calling_aet=m.calling_aet, called_aet=m.called_aet,
+        first_received_at=now, last_received_at=now,
+    )).inserted_primary_key[0]  # type: ignore[index]
+    conn.execute(update(series).where(series.c.id == se_id)
+                 .values(current_version=new_version))
+    return int(vid), new_version, prev_count + inc, m.expected_count
+
+
+def record_instance(conn: Connection, m: InstanceMeta, *, relpath: str, size: int,
+                    now: datetime, cache: IdCache, use_expected_counts: bool,
+                    priority: int = 0) -> Recorded:
+    """Insert or replace an instance row and count it into its series version."""
+    st_id = study_id(conn, m, now, cache)
+    se_id = series_id(conn, m, st_id, now, cache)
+    old = conn.execute(select(instances.c.id, instances.c.path, instances.c.series_id)
+                       .where(instances.c.sop_instance_uid == m.sop_instance_uid)).first()
+    # A replacement within the same series does not add to the count.
+    inc = 0 if (old is not None and old.series_id == se_id) else 1
+    v_id, version, count, expected = _touch_version(conn, se_id, m, inc, now)
+    values = dict(series_id=se_id, version=version, sop_class_uid=m.sop_class_uid,
+                  transfer_syntax_uid=m.transfer_syntax_uid, instance_number=m.instance_number,
+                  path=relpath, size=size, calling_aet=m.calling_aet, received_at=now,
+                  file_missing=False)
+    if old is None:
+        conn.execute(instances.insert().values(sop_instance_uid=m.sop_instance_uid, **values))
+    else:
+        conn.execute(update(instances).where(instances.c.id == old.id).values(**values))
+    job = None
+    if use_expected_counts and expected and count >= expected:
+        job = complete_version(conn, v_id, by="count", now=now, priority=priority)
+    return Recorded(
+        replaced_path=old.path if old is not None and old.path != relpath else None,
+        was_duplicate=old is not None, version=version, job=job)
+
+
+def complete_version(conn: Connection, version_id: int, *, by: str, now: datetime,
+                     priority: int = 0, quiet_cutoff: datetime | None = None) -> Job | None:
+    """Mark a receiving version complete and enqueue its job; ``None`` if someone else did."""
+    cond = [versions.c.id == version_id, versions.c.state == RECEIVING]
+    if quiet_cutoff is not None:
+        cond.append(versions.c.last_received_at <= quiet_cutoff)
+    res = conn.execute(update(versions).where(*cond).values(
+        state=COMPLETE, completed_at=now, completed_by=by))
+    if res.rowcount != 1:
+        return None
+    r = conn.execute(
+        select(versions.c.version, series.c.series_uid, studies.c.study_uid)
+        .select_from(versions.join(series, series.c.id == versions.c.series_id)
+                     .join(studies, studies.c.id == series.c.study_id))
+        .where(versions.c.id == version_id)).one()
+    return queue.enqueue(conn, series_version_id=version_id, study_uid=r.study_uid,
+                         series_uid=r.series_uid, version=r.version, priority=priority, now=now)
+
+
+def quiet_versions(conn: Connection, cutoff: datetime) -> list[int]:
+    return list(conn.execute(select(versions.c.id).where(
+        versions.c.state == RECEIVING, versions.c.last_received_at <= cutoff)
+        .order_by(versions.c.last_received_at)).scalars())

@@ -1,0 +1,609 @@
+"""The :class:`Store` facade: the only owner of files and rows.
+
+Receivers, the completeness tracker, workers and the dispatcher call this
+class only; no other module issues SQL or writes under ``storage.path``.
+Every method runs its own short transaction (retried on lock contention or
+unique-constraint races) and returns frozen :mod:`dicomnode.domain` objects.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from io import BytesIO
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine, func, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+from dicomnode.config import Settings
+from dicomnode.domain import (
+    Delivery,
+    DeliveryState,
+    InstanceRef,
+    Job,
+    JobState,
+    OutputObject,
+    SeriesRef,
+)
+from dicomnode.errors import InvalidInstanceError, StoreError
+from dicomnode.logs import kv
+from dicomnode.store import db, files, outbox, queue
+from dicomnode.store import series as series_mod
+from dicomnode.store._common import (
+    aware,
+    instances,
+    jobs,
+    naive,
+    outputs,
+    seconds,
+    series,
+    studies,
+    utcnow,
+    versions,
+)
+from dicomnode.store.outbox import NewDelivery
+from dicomnode.store.parse import InstanceMeta, read_meta
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class IngestOutcome(enum.StrEnum):
+    STORED = "stored"  # new instance
+    REPLACED = "replaced"  # duplicate SOP Instance UID, file and row replaced
+    KEPT = "kept"  # duplicate SOP Instance UID, first copy kept (policy "keep")
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    outcome: IngestOutcome
+    instance: InstanceRef
+    series_version: int
+    job: Job | None = None  # the job created when this instance completed its series
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    indexed: tuple[Path, ...] = ()  # files found without a row, now indexed
+    missing: tuple[str, ...] = ()  # SOP Instance UIDs whose file is gone (flagged)
+    restored: tuple[str, ...] = ()  # rows flagged missing whose file is back
+    temp_removed: int = 0  # leftover temporary files of interrupted writes
+    unreadable: tuple[Path, ...] = ()  # *.dcm files that cannot be indexed
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    series_uid: str
+    modality: str
+    description: str
+    version: int
+    state: str  # receiving | complete
+    instance_count: int
+    expected_count: int | None
+    missing_files: int
+    last_received_at: datetime | None
+    job_id: int | None
+    job_state: JobState | None
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    study_uid: str
+    patient_id: str
+    patient_name: str
+    study_date: str
+    accession_number: str
+    description: str
+    series: tuple[SeriesSummary, ...] = field(default_factory=tuple)
+
+
+_RETRYABLE = (OperationalError, IntegrityError)
+
+
+class Store:
+    """Files under ``storage.path`` and rows in ``database.url``.
+
+    Create with :meth:`open`. Thread-safe (one engine, pooled connections);
+    each process opens its own Store.
+    """
+
+    def __init__(self, settings: Settings, engine: Engine,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.root = Path(settings.storage.path).resolve()
+        self._clock = clock
+        self._ids = series_mod.IdCache()
+        self._fsync = settings.storage.fsync
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def open(cls, settings: Settings, *, migrate: bool = False,
+             clock: Callable[[], datetime] = utcnow) -> Store:
+        """Open the store; ``migrate=True`` applies pending migrations first.
+
+        Without ``migrate`` the schema must already be current (else
+        :class:`StoreError` tells to run ``dicomnode db upgrade``).
+        """
+        engine = db.make_engine(settings.database)
+        try:
+            if migrate:
+                before, after = db.upgrade(engine)
+                if before != after:
+                    log.info("database migrated", extra=kv(
+                        url=engine.url.render_as_string(hide_password=True),
+                        from_revision=before, to_revision=after))
+            else:
+                db.ensure_schema_current(engine)
+        except Exception:
+            engine.dispose()
+            raise
+        store = cls(settings, engine, clock)
+        files.ensure_dir(store.root, fsync=False)
+        return store
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def now(self) -> datetime:
+        return naive(self._clock())
+
+    def _tx(self, fn: Callable[[Connection], T], *, attempts: int = 8) -> T:
+        """Run ``fn`` in a write transaction, retrying lock and uniqueness races."""
+        delay = 0.01
+        for i in range(attempts):
+            try:
+                with self.engine.begin() as conn:
+                    return fn(conn)
+            except _RETRYABLE as exc:
+                if i == attempts - 1:
+                    raise StoreError(f"database: {type(exc.orig).__name__}: {exc.orig}") from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+            except DBAPIError as exc:
+                raise StoreError(f"database: {exc.orig}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _read(self, fn: Callable[[Connection], T]) -> T:
+        with self.engine.connect() as conn:
+            conn.info["readonly"] = True
+            try:
+                with conn.begin():
+                    return fn(conn)
+            finally:
+                conn.info.pop("readonly", None)
+
+    # ------------------------------------------------------------------ instances
+
+    def free_mb(self) -> float:
+        return files.free_mb(self.root)
+
+    def has_space(self) -> bool:
+        return self.free_mb() >= self.settings.storage.min_free_mb
+
+    def instance_path(self, meta: InstanceMeta) -> Path:
+        return self.root / files.instance_relpath(meta.study_uid, meta.series_uid,
+                                                  meta.sop_instance_uid)
+
+    def ingest(self, meta: InstanceMeta, data: bytes | Sequence[bytes]) -> IngestResult:
+        """Store one instance durably: file (fsync + atomic rename), then its committed row.
+
+        ``data`` is the complete DICOM Part 10 stream (preamble, file meta and
+        dataset exactly as received). On return the instance is durable; on an
+        exception nothing was acknowledged (a file written before a failed
+        commit is indexed by :meth:`reconcile` at the next start).
+        """
+        rel = files.instance_relpath(meta.study_uid, meta.series_uid, meta.sop_instance_uid)
+        if self.settings.storage.duplicate_policy == "keep":
+            existing = self._existing(meta.sop_instance_uid)
+            if existing is not None and not existing[1]:
+                return IngestResult(IngestOutcome.KEPT, self._ref(meta, existing[0]),
+                                    existing[2])
+        size = files.atomic_write(self.root / rel, data if isinstance(data, bytes)
+                                  else list(data), fsync=self._fsync)
+        return self._record(meta, str(rel), size)
+
+    def _existing(self, sop_uid: str) -> tuple[str, bool, int] | None:
+        def q(conn: Connection) -> tuple[str, bool, int] | None:
+            r = conn.execute(select(instances.c.path, instances.c.file_missing,
+                                    instances.c.version)
+                             .where(instances.c.sop_instance_uid == sop_uid)).first()
+            return None if r is None else (r.path, bool(r.file_missing), r.version)
+        return self._read(q)
+
+    def _ref(self, meta: InstanceMeta, rel: str) -> InstanceRef:
+        return InstanceRef(meta.study_uid, meta.series_uid, meta.sop_instance_uid,
+                           meta.sop_class_uid, self.root / rel, meta.transfer_syntax_uid,
+                           meta.instance_number)
+
+    def _record(self, meta: InstanceMeta, rel: str, size: int) -> IngestResult:
+        now = self.now()
+        cfg = self.settings.completion
+
+        def tx(conn: Connection) -> series_mod.Recorded:
+            return series_mod.record_instance(conn, meta, relpath=rel, size=size, now=now,
+                                              cache=self._ids,
+                                              use_expected_counts=cfg.use_expected_counts)
+        try:
+            rec = self._tx(tx)
+        except StoreError:
+            # Ids cached inside a rolled-back transaction may not exist.
+            self._ids = series_mod.IdCache()
+            raise
+        if rec.replaced_path:
+            files.remove_quietly(self.root / rec.replaced_path)
+        outcome = IngestOutcome.REPLACED if rec.was_duplicate else IngestOutcome.STORED
+        if rec.job is not None:
+            log.info("series complete (expected count reached)", extra=kv(
+                study_uid=meta.study_uid, series_uid=meta.series_uid, version=rec.version,
+                job_id=rec.job.id))
+        return IngestResult(outcome, self._ref(meta, rel), rec.version, rec.job)
+
+    def reconcile(self) -> ReconcileReport:
+        """Make rows and files agree after a crash (run before receiving).
+
+        Files without rows are indexed (they were written but their row was not
+        committed), rows without files are flagged ``file_missing``, leftover
+        temporary files are removed (their C-STORE never got success).
+        """
+        def load(conn: Connection) -> dict[str, tuple[str, bool]]:
+            rows = conn.execute(select(instances.c.path, instances.c.sop_instance_uid,
+                                       instances.c.file_missing))
+            return {r.path: (r.sop_instance_uid, bool(r.file_missing)) for r in rows}
+        known = self._read(load)
+        seen: set[str] = set()
+        indexed: list[Path] = []
+        unreadable: list[Path] = []
+        temp_removed = 0
+        outputs_dir = self.root / "outputs"
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            d = Path(dirpath)
+            if d == outputs_dir:
+                dirnames[:] = []
+            for name in filenames:
+                p = d / name
+                if name.endswith(files.TMP_SUFFIX):
+                    files.remove_quietly(p)
+                    temp_removed += 1
+                    continue
+                if not name.endswith(files.INSTANCE_SUFFIX) or d == outputs_dir:
+                    continue
+                rel = str(p.relative_to(self.root))
+                seen.add(rel)
+                if rel in known:
+                    continue
+                try:
+                    meta = read_meta(p)
+                    expected = files.instance_relpath(meta.study_uid, meta.series_uid,
+                                                      meta.sop_instance_uid)
+                    if str(expected) != rel:
+                        raise InvalidInstanceError(f"its UIDs belong at {expected}")
+                except InvalidInstanceError as exc:
+                    log.warning("cannot index stored file", extra=kv(path=str(p), error=str(exc)))
+                    unreadable.append(p)
+                    continue
+                self._record(meta, rel, p.stat().st_size)
+                indexed.append(p)
+        missing = [uid for rel, (uid, flagged) in known.items() if rel not in seen and not flagged]
+        restored = [uid for rel, (uid, flagged) in known.items() if rel in seen and flagged]
+
+        def flag(conn: Connection) -> None:
+            for chunk in range(0, len(missing), 500):
+                conn.execute(update(instances).where(instances.c.sop_instance_uid.in_(
+                    missing[chunk:chunk + 500])).values(file_missing=True))
+            for chunk in range(0, len(restored), 500):
+                conn.execute(update(instances).where(instances.c.sop_instance_uid.in_(
+                    restored[chunk:chunk + 500])).values(file_missing=False))
+        if missing or restored:
+            self._tx(flag)
+        report = ReconcileReport(tuple(indexed), tuple(missing), tuple(restored), temp_removed,
+                                 tuple(unreadable))
+        log.info("store reconciled with database", extra=kv(
+            files_indexed=len(indexed), rows_missing_file=len(missing),
+            rows_restored=len(restored), temp_removed=temp_removed,
+            unreadable=len(unreadable)))
+        for uid in missing[:20]:
+            log.warning("instance row without file", extra=kv(sop_instance_uid=uid))
+        return report
+
+    # ------------------------------------------------------------------ series
+
+    def complete_quiet_series(self, now: datetime | None = None) -> list[Job]:
+        """Complete every version quiet for ``completion.series_quiet_seconds``; return new jobs."""
+        now = naive(now) if now is not None else self.now()
+        cutoff = now - seconds(self.settings.completion.series_quiet_seconds)
+        jobs_made: list[Job] = []
+        for vid in self._read(lambda c: series_mod.quiet_versions(c, cutoff)):
+            job = self._tx(lambda c, v=vid: series_mod.complete_version(  # type: ignore[misc]
+                c, v, by="quiet", now=now, quiet_cutoff=cutoff))
+            if job is not None:
+                jobs_made.append(job)
+                log.info("series complete (quiet)", extra=kv(
+                    study_uid=job.study_uid, series_uid=job.series_uid,
+                    version=job.series_version, job_id=job.id))
+        return jobs_made
+
+    def series_instances(self, series_uid: str, version: int | None = None) -> list[InstanceRef]:
+        """Instances of a series version (default: newest), ordered by Instance Number.
+
+        A version holds every instance received up to it (versions are
+        cumulative); instances whose file is missing are left out.
+        """
+        def q(conn: Connection) -> list[InstanceRef]:
+            se = conn.execute(select(series.c.id, series.c.current_version, studies.c.study_uid)
+                              .join(studies, studies.c.id == series.c.study_id)
+                              .where(series.c.series_uid == series_uid)).first()
+            if se is None:
+                raise StoreError(f"series {series_uid}: not in the store")
+            v = se.current_version if version is None else version
+            rows = conn.execute(select(instances).where(
+                instances.c.series_id == se.id, instances.c.version <= v,
+                instances.c.file_missing.is_(False)))
+            refs = [InstanceRef(se.study_uid, series_uid, r.sop_instance_uid, r.sop_class_uid,
+                                self.root / r.path, r.transfer_syntax_uid, r.instance_number)
+                    for r in rows]
+            refs.sort(key=lambda i: (i.instance_number is None, i.instance_number or 0,
+                                     i.sop_instance_uid))
+            return refs
+        return self._read(q)
+
+    def series_ref(self, series_uid: str, version: int | None = None) -> SeriesRef:
+        def q(conn: Connection) -> SeriesRef:
+            se = conn.execute(select(series, studies.c.study_uid)
+                              .join(studies, studies.c.id == series.c.study_id)
+                              .where(series.c.series_uid == series_uid)).first()
+            if se is None:
+                raise StoreError(f"series {series_uid}: not in the store")
+            v = se.current_version if version is None else version
+            sv = conn.execute(select(versions).where(versions.c.series_id == se.id,
+                                                     versions.c.version == v)).first()
+            if sv is None:
+                raise StoreError(f"series {series_uid}: no version {v}")
+            return SeriesRef(se.study_uid, series_uid, v, se.modality, sv.instance_count,
+                             sv.calling_aet, sv.called_aet)
+        return self._read(q)
+
+    def studies(self, study_uid: str | None = None, limit: int = 200) -> list[StudySummary]:
+        """What was received: per study, per series (newest version), counts and job state."""
+        def q(conn: Connection) -> list[StudySummary]:
+            sq = select(studies).order_by(studies.c.id.desc()).limit(limit)
+            if study_uid:
+                sq = sq.where(studies.c.study_uid == study_uid)
+            out = []
+            for st in conn.execute(sq).all():
+                rows = conn.execute(
+                    select(series, versions.c.state, versions.c.instance_count,
+                           versions.c.expected_count, versions.c.last_received_at,
+                           versions.c.version)
+                    .join(versions, (versions.c.series_id == series.c.id)
+                          & (versions.c.version == series.c.current_version))
+                    .where(series.c.study_id == st.id).order_by(series.c.series_number,
+                                                                series.c.id)).all()
+                summaries = []
+                for r in rows:
+                    missing = conn.execute(select(func.count()).where(
+                        instances.c.series_id == r.id,
+                        instances.c.file_missing.is_(True))).scalar_one()
+                    job = conn.execute(select(jobs.c.id, jobs.c.state).where(
+                        jobs.c.series_uid == r.series_uid, jobs.c.series_version == r.version)
+                    ).first()
+                    summaries.append(SeriesSummary(
+                        r.series_uid, r.modality, r.description, r.version, r.state,
+                        r.instance_count, r.expected_count, missing, aware(r.last_received_at),
+                        job.id if job else None, JobState(job.state) if job else None))
+                out.append(StudySummary(st.study_uid, st.patient_id, st.patient_name,
+                                        st.study_date, st.accession_number, st.description,
+                                        tuple(summaries)))
+            return out
+        return self._read(q)
+
+    # ------------------------------------------------------------------ outputs
+
+    def write_output(self, job_id: int, sop_instance_uid: str, sop_class_uid: str,
+                     data: bytes | Any, kind: str = "") -> OutputObject:
+        """Durably write an object the node produced for ``job_id``.
+
+        ``data`` is a Part 10 byte stream or a pydicom ``Dataset`` (written with
+        its file meta). The object is recorded for the job when the job is
+        finished with it (:meth:`finish_job`).
+        """
+        if not isinstance(data, bytes | bytearray):
+            buf = BytesIO()
+            data.save_as(buf, enforce_file_format=True)
+            data = buf.getvalue()
+        path = self.root / files.output_relpath(job_id, sop_instance_uid)
+        files.check_uid("SOPClassUID", sop_class_uid)
+        files.atomic_write(path, bytes(data), fsync=self._fsync)
+        return OutputObject(sop_instance_uid, sop_class_uid, path, kind)
+
+    def job_outputs(self, job_id: int) -> list[OutputObject]:
+        def q(conn: Connection) -> list[OutputObject]:
+            rows = conn.execute(select(outputs).where(outputs.c.job_id == job_id)
+                                .order_by(outputs.c.id))
+            return [OutputObject(r.sop_instance_uid, r.sop_class_uid, self.root / r.path, r.kind)
+                    for r in rows]
+        return self._read(q)
+
+    # ------------------------------------------------------------------ jobs
+
+    def enqueue(self, series_uid: str, version: int | None = None, *,
+                priority: int = 0) -> Job:
+        """Create (or return) the job for a series version, e.g. to re-run a series by command."""
+        now = self.now()
+
+        def tx(conn: Connection) -> Job:
+            se = conn.execute(select(series.c.id, series.c.current_version, studies.c.study_uid)
+                              .join(studies, studies.c.id == series.c.study_id)
+                              .where(series.c.series_uid == series_uid)).first()
+            if se is None:
+                raise StoreError(f"series {series_uid}: not in the store")
+            v = se.current_version if version is None else version
+            vid = queue.series_version_id(conn, se.id, v)
+            if vid is None:
+                raise StoreError(f"series {series_uid}: no version {v}")
+            conn.execute(update(versions).where(versions.c.id == vid,
+                                                versions.c.state == series_mod.RECEIVING)
+                         .values(state=series_mod.COMPLETE, completed_at=now,
+                                 completed_by="command"))
+            return queue.enqueue(conn, series_version_id=vid, study_uid=se.study_uid,
+                                 series_uid=series_uid, version=v, priority=priority, now=now)
+        return self._tx(tx)
+
+    def claim_job(self, worker_id: str, lease_seconds: float | None = None) -> Job | None:
+        """Atomically claim the most urgent due job, or ``None``.
+
+        Due: pending with ``not_before`` passed, or running with an expired lease
+        (its worker died). The claim increments ``attempts``; a job whose lease
+        expired ``worker.max_attempts`` times is failed instead.
+        """
+        w = self.settings.worker
+        now = self.now()
+        return self._tx(lambda c: queue.claim(
+            c, worker_id=worker_id, lease_seconds=lease_seconds or w.lease_seconds,
+            max_attempts=w.max_attempts, now=now))
+
+    def heartbeat(self, job_id: int, worker_id: str, lease_seconds: float | None = None) -> bool:
+        """Extend the lease; ``False`` means the job is no longer this worker's (stop work)."""
+        now = self.now()
+        return self._tx(lambda c: queue.heartbeat(
+            c, job_id=job_id, worker_id=worker_id,
+            lease_seconds=lease_seconds or self.settings.worker.lease_seconds, now=now))
+
+    def finish_job(self, job_id: int, worker_id: str, outputs: Iterable[OutputObject] = (),
+                   deliveries: Iterable[NewDelivery] = ()) -> Job:
+        """Finish a running job: record its outputs and queue its deliveries, atomically.
+
+        If a newer version of the series has a job already, this job ends
+        ``superseded`` and its deliveries are not queued (the newer job's results
+        cover the whole series). Raises :class:`StoreError` if the lease was lost.
+        """
+        now = self.now()
+        outs = list(outputs)
+        dels = list(deliveries)
+
+        def tx(conn: Connection) -> Job:
+            queue.record_outputs(conn, job_id, outs, self.root, now) if outs else None
+            state = queue.finish(conn, job_id=job_id, worker_id=worker_id, now=now)
+            if state is JobState.DONE:
+                for d in dels:
+                    self._add_delivery(conn, job_id, d, now)
+            elif dels:
+                log.info("job superseded: deliveries not queued", extra=kv(
+                    job_id=job_id, deliveries=len(dels)))
+            return queue.get(conn, job_id)
+        return self._tx(tx, attempts=3)
+
+    def _add_delivery(self, conn: Connection, job_id: int, d: NewDelivery, now: datetime) -> None:
+        p = Path(d.output.path)
+        try:
+            rel = p.resolve().relative_to(self.root) if p.is_absolute() else p
+        except ValueError:
+            raise StoreError(f"delivery of {p}: not under the storage path {self.root}") from None
+        deadline = naive(d.deadline) if d.deadline else self._default_deadline(d.destination, now)
+        outbox.add(conn, job_id=job_id, destination=d.destination,
+                   sop_instance_uid=d.output.sop_instance_uid,
+                   sop_class_uid=d.output.sop_class_uid, relpath=str(rel), deadline=deadline,
+                   now=now)
+
+    def _default_deadline(self, destination: str, now: datetime) -> datetime | None:
+        for dest in self.settings.destinations:
+            if dest.name == destination:
+                return now + seconds(dest.retry_deadline_seconds)
+        return None
+
+    def fail_job(self, job_id: int, worker_id: str, reason: str, *, transient: bool) -> Job:
+        """Fail a running job. Transient failures go back to pending after exponential
+        backoff (``worker.backoff_base_seconds`` doubling, capped at
+        ``worker.backoff_max_seconds``) until ``worker.max_attempts``; then, or
+        when not transient, the job is ``failed`` with ``reason``."""
+        w = self.settings.worker
+        now = self.now()
+        return self._tx(lambda c: queue.fail(
+            c, job_id=job_id, worker_id=worker_id, reason=reason, transient=transient,
+            max_attempts=w.max_attempts, backoff_base=w.backoff_base_seconds,
+            backoff_max=w.backoff_max_seconds, now=now), attempts=3)
+
+    def retry_job(self, job_id: int) -> Job:
+        now = self.now()
+        return self._tx(lambda c: queue.retry(c, job_id=job_id, now=now), attempts=3)
+
+    def cancel_job(self, job_id: int) -> Job:
+        now = self.now()
+        return self._tx(lambda c: queue.cancel(c, job_id=job_id, now=now), attempts=3)
+
+    def get_job(self, job_id: int) -> Job:
+        return self._read(lambda c: queue.get(c, job_id))
+
+    def job_superseded_by(self, job_id: int) -> int | None:
+        """Id of the job (of a newer series version) that supersedes ``job_id``, if any."""
+        self.get_job(job_id)
+        return self._read(lambda c: queue.superseded_by(c, job_id))
+
+    def list_jobs(self, *, states: Sequence[JobState | str] = (), study_uid: str | None = None,
+                  series_uid: str | None = None, limit: int = 100) -> list[Job]:
+        st = [JobState(s) for s in states]
+        return self._read(lambda c: queue.list_jobs(c, states=st, study_uid=study_uid,
+                                                    series_uid=series_uid, limit=limit))
+
+    # ------------------------------------------------------------------ deliveries (outbox)
+
+    def claim_deliveries(self, destination: str, worker_id: str, *, limit: int = 16,
+                         lease_seconds: float = 300.0) -> list[Delivery]:
+        """Claim due deliveries for one destination (state becomes ``sending``)."""
+        now = self.now()
+        return self._tx(lambda c: outbox.claim(
+            c, destination=destination, worker_id=worker_id, limit=limit,
+            lease_seconds=lease_seconds, now=now, root=self.root))
+
+    def delivery_done(self, delivery_id: int, peer_status: int | None = 0) -> Delivery:
+        now = self.now()
+        return self._tx(lambda c: outbox.mark_done(c, delivery_id=delivery_id,
+                                                   peer_status=peer_status, now=now,
+                                                   root=self.root), attempts=3)
+
+    def delivery_failed(self, delivery_id: int, error: str, *, transient: bool,
+                        peer_status: int | None = None) -> Delivery:
+        """Record a failed send: retried with backoff while transient and before the
+        deadline (and below ``worker.max_attempts``), else ``failed``."""
+        w = self.settings.worker
+        now = self.now()
+        return self._tx(lambda c: outbox.mark_failed(
+            c, delivery_id=delivery_id, error=error, transient=transient,
+            peer_status=peer_status, backoff_base=w.backoff_base_seconds,
+            backoff_max=w.backoff_max_seconds, max_attempts=w.max_attempts, now=now,
+            root=self.root), attempts=3)
+
+    def retry_delivery(self, delivery_id: int) -> Delivery:
+        """Operator command: a failed delivery goes back to pending with a fresh deadline."""
+        now = self.now()
+
+        def tx(c: Connection) -> Delivery:
+            d = outbox.get(c, delivery_id, self.root)
+            return outbox.retry(c, delivery_id=delivery_id,
+                                deadline=self._default_deadline(d.destination, now), now=now,
+                                root=self.root)
+        return self._tx(tx, attempts=3)
+
+    def get_delivery(self, delivery_id: int) -> Delivery:
+        return self._read(lambda c: outbox.get(c, delivery_id, self.root))
+
+    def list_deliveries(self, *, job_id: int | None = None,
+                        states: Sequence[DeliveryState | str] = (),
+                        destination: str | None = None, limit: int = 100) -> list[Delivery]:
+        st = [DeliveryState(s) for s in states]
+        return self._read(lambda c: outbox.list_(c, root=self.root, job_id=job_id, states=st,
+                                                 destination=destination, limit=limit))
