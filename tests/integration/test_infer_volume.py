@@ -1,0 +1,175 @@
+"""DICOM series -> Volume: real series, enhanced multi-frame, compressed, and refusals."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import (
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
+
+from dicomnode.errors import VolumeError
+from dicomnode.infer import load_volume
+from tests.support.infer_data import SeriesFixture, cranium_ct_series
+from tests.support.series import oblique, write_series
+
+
+def _assert_same_volume(v, fx: SeriesFixture) -> None:  # type: ignore[no-untyped-def]
+    assert v.shape == fx.array.shape
+    assert v.array.dtype == np.float32
+    np.testing.assert_array_equal(v.array, fx.array)
+    np.testing.assert_allclose(v.affine, fx.affine, atol=1e-4)
+
+
+def test_real_ct_loads_exactly(cranium_ct: SeriesFixture) -> None:
+    shuffled = list(cranium_ct.paths)
+    random.Random(7).shuffle(shuffled)
+    v = load_volume(shuffled)
+    _assert_same_volume(v, cranium_ct)
+    assert v.modality == "CT" and v.series_uid == cranium_ct.series_uid
+    assert v.array.min() == -1024  # rescale intercept applied: HU, not stored values
+    # voxel -> source instance mapping follows the sorted order
+    for k in (0, 50, 107):
+        ds = pydicom.dcmread(cranium_ct.paths[k], stop_before_pixels=True)
+        assert v.frames[k].sop_instance_uid == ds.SOPInstanceUID
+        assert v.frames[k].frame_number is None
+        np.testing.assert_allclose(
+            v.affine @ [k, 0, 0, 1], [*ds.ImagePositionPatient, 1], atol=1e-4
+        )
+
+
+def test_real_mr_loads_exactly(colin27_mr: SeriesFixture) -> None:
+    v = load_volume(colin27_mr.directory)
+    _assert_same_volume(v, colin27_mr)
+    assert v.spacing == pytest.approx((1.0, 1.0, 1.0))
+
+
+def test_enhanced_multiframe_equals_single_frame(cranium_ct: SeriesFixture) -> None:
+    mf = cranium_ct_series(enhanced=True)
+    assert len(mf.paths) == 1
+    v = load_volume(mf.paths)
+    _assert_same_volume(v, cranium_ct)
+    assert {f.frame_number for f in v.frames} == set(range(1, 109))
+    assert len({f.sop_instance_uid for f in v.frames}) == 1
+
+
+@pytest.mark.parametrize(
+    "ts", [JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless, RLELossless],
+    ids=["jpeg-lossless", "jpeg-ls", "jpeg2000", "rle"],
+)
+def test_compressed_series_load_identically(ts: str) -> None:
+    plain = cranium_ct_series(k_range=(40, 56))
+    comp = cranium_ct_series(k_range=(40, 56), transfer_syntax=ts)
+    assert str(pydicom.dcmread(comp.paths[0]).file_meta.TransferSyntaxUID) == ts
+    a, b = load_volume(plain.paths), load_volume(comp.paths)
+    np.testing.assert_array_equal(a.array, b.array)
+    np.testing.assert_allclose(a.affine, b.affine)
+
+
+def test_oblique_geometry(tmp_path: Path) -> None:
+    arr = np.random.default_rng(0).normal(0, 100, (6, 12, 10)).round()
+    paths = write_series(arr, tmp_path, orientation=oblique(25), spacing=(2.5, 0.8, 0.7),
+                         origin=(10, -20, 30))
+    v = load_volume(paths[::-1])
+    np.testing.assert_array_equal(v.array, arr.astype(np.float32))
+    assert v.spacing == pytest.approx((2.5, 0.8, 0.7), abs=1e-5)
+    ds = pydicom.dcmread(paths[-1])
+    np.testing.assert_allclose(v.affine @ [5, 0, 0, 1], [*ds.ImagePositionPatient, 1], atol=1e-4)
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+@pytest.fixture
+def small_series(tmp_path: Path) -> list[Path]:
+    arr = np.arange(8 * 6 * 5, dtype=float).reshape(8, 6, 5)
+    return write_series(arr, tmp_path / "s", spacing=(3.0, 1.0, 1.0))
+
+
+def _edit(path: Path, **changes: object) -> None:
+    ds = pydicom.dcmread(path)
+    for k, v in changes.items():
+        setattr(ds, k, v)
+    ds.save_as(path)
+
+
+def test_rejects_mixed_orientation(small_series: list[Path]) -> None:
+    _edit(small_series[3], ImageOrientationPatient=[1, 0, 0, 0, 0, -1])
+    with pytest.raises(VolumeError, match="mixed orientations"):
+        load_volume(small_series)
+
+
+def test_rejects_irregular_spacing(small_series: list[Path]) -> None:
+    ds = pydicom.dcmread(small_series[4])
+    _edit(small_series[4], ImagePositionPatient=[*ds.ImagePositionPatient[:2],
+                                                 float(ds.ImagePositionPatient[2]) + 1.1])
+    with pytest.raises(VolumeError, match="irregular slice spacing"):
+        load_volume(small_series)
+
+
+def test_rejects_missing_slices(small_series: list[Path]) -> None:
+    with pytest.raises(VolumeError, match=r"missing slices: 2 slice\(s\) missing"):
+        load_volume(small_series[:3] + small_series[5:])
+
+
+def test_rejects_gantry_tilt_tag(small_series: list[Path]) -> None:
+    _edit(small_series[0], GantryDetectorTilt=12.0)
+    with pytest.raises(VolumeError, match="gantry tilt of 12 degrees"):
+        load_volume(small_series)
+
+
+def test_rejects_sheared_stack(small_series: list[Path]) -> None:
+    # What a tilted acquisition looks like without the tag: each slice shifted in-plane.
+    for k, p in enumerate(small_series):
+        ds = pydicom.dcmread(p)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        _edit(p, ImagePositionPatient=[x, y + k * 3.0 * np.tan(np.radians(15)), z])
+    with pytest.raises(VolumeError, match=r"gantry tilt or sheared stack of 15.00 degrees"):
+        load_volume(small_series)
+
+
+def test_rejects_localiser(small_series: list[Path]) -> None:
+    _edit(small_series[0], ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    with pytest.raises(VolumeError, match="LOCALIZER"):
+        load_volume(small_series)
+
+
+def test_rejects_single_frame(small_series: list[Path]) -> None:
+    with pytest.raises(VolumeError, match="1 frame.*cannot be a volume"):
+        load_volume(small_series[:1])
+
+
+def test_rejects_mixed_series(small_series: list[Path], tmp_path: Path) -> None:
+    other = write_series(np.zeros((3, 6, 5)), tmp_path / "o", spacing=(3.0, 1.0, 1.0))
+    with pytest.raises(VolumeError, match="one series at a time"):
+        load_volume(small_series + other[:1])
+
+
+def test_rejects_duplicates(small_series: list[Path], tmp_path: Path) -> None:
+    dup = tmp_path / "dup.dcm"
+    shutil.copy(small_series[2], dup)
+    with pytest.raises(VolumeError, match="same position"):
+        load_volume([*small_series, dup])
+
+
+def test_rejects_mixed_matrix_and_non_images(small_series: list[Path], tmp_path: Path) -> None:
+    ds = pydicom.dcmread(small_series[1])
+    ds.Rows, ds.Columns = 5, 6  # same bytes, different matrix
+    ds.save_as(small_series[1])
+    with pytest.raises(VolumeError, match="mixed matrix sizes"):
+        load_volume(small_series)
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not dicom at all")
+    with pytest.raises(VolumeError, match="junk.dcm: not a readable DICOM file"):
+        load_volume([junk])
+    with pytest.raises(VolumeError, match="empty series"):
+        load_volume([])
+
