@@ -1,0 +1,234 @@
+"""The node process: ``dicomnode serve``.
+
+:func:`run_node` does, in order:
+
+1. open the store and apply pending migrations (logged),
+2. reconcile the store with the database (files without rows are indexed,
+   rows without files flagged, leftover temporary files removed),
+3. start receiving: an SCP in this process, plus ``node.receivers - 1``
+   receiving processes sharing the port (SO_REUSEPORT),
+4. start the completeness tracker (a thread turning quiet series into jobs),
+5. start the extra :class:`Service` objects (the worker processes hook in here),
+6. wait for SIGTERM / SIGINT, then stop everything in reverse order.
+
+The worker hook: with ``with_worker=True`` and ``worker.processes > 0``,
+:func:`default_services` imports ``dicomnode.worker`` and calls its
+``services(settings) -> list[Service]``; a worker module that is not there yet
+is reported in the log and the node runs without it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from dicomnode.config import Settings
+from dicomnode.logs import kv, setup_logging
+from dicomnode.receive.scp import StorageSCP
+from dicomnode.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Service(Protocol):
+    """Something the node starts after receiving is up and stops at shutdown."""
+
+    name: str
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float) -> None: ...
+
+    def alive(self) -> bool: ...
+
+
+class CompletenessTracker:
+    """Thread: every ``completion.check_interval_seconds`` completes quiet series."""
+
+    name = "completeness-tracker"
+
+    def __init__(self, store: Store, interval: float) -> None:
+        self.store = store
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.store.complete_quiet_series()
+            except Exception:  # noqa: BLE001 - keep tracking; the next tick retries
+                log.exception("completeness check failed")
+
+    def stop(self, timeout: float) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+
+def _receiver_main(settings: Settings, index: int) -> None:
+    """Entry point of an extra receiving process (spawned, so it starts clean)."""
+    setup_logging(settings.logging.level, settings.logging.json, settings.logging.file)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    store = Store.open(settings)
+    scp = StorageSCP(settings, store, reuse_port=True)
+    scp.start()
+    log.info("receiver process listening", extra=kv(receiver=index, pid=os.getpid()))
+    while not stop.wait(0.5):
+        pass
+    scp.stop()
+    store.close()
+
+
+class ReceiverProcesses:
+    """``node.receivers - 1`` extra receiving processes, restarted if one dies."""
+
+    name = "receivers"
+
+    def __init__(self, settings: Settings, count: int) -> None:
+        self.settings = settings
+        self.count = count
+        self._ctx = mp.get_context("spawn")
+        self._procs: list[Any] = []
+
+    def _spawn(self, index: int) -> Any:
+        p = self._ctx.Process(target=_receiver_main, args=(self.settings, index),
+                              name=f"dicomnode-receiver-{index}", daemon=True)
+        p.start()
+        return p
+
+    def start(self) -> None:
+        self._procs = [self._spawn(i + 1) for i in range(self.count)]
+
+    def check(self) -> None:
+        for i, p in enumerate(self._procs):
+            if not p.is_alive():
+                log.error("receiver process died; restarting", extra=kv(
+                    receiver=i + 1, exitcode=p.exitcode))
+                self._procs[i] = self._spawn(i + 1)
+
+    def stop(self, timeout: float) -> None:
+        for p in self._procs:
+            if p.is_alive():
+                p.terminate()
+        deadline = time.monotonic() + timeout
+        for p in self._procs:
+            p.join(max(0.1, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(1)
+
+    def alive(self) -> bool:
+        return all(p.is_alive() for p in self._procs)
+
+
+def default_services(settings: Settings, *, with_worker: bool) -> list[Service]:
+    """Services started after receiving: the workers, when ``dicomnode.worker`` exists."""
+    if not with_worker or settings.worker.processes <= 0:
+        return []
+    try:
+        worker = importlib.import_module("dicomnode.worker")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("dicomnode.worker",):
+            raise
+        log.warning("worker not available in this build; receiving only")
+        return []
+    return list(worker.services(settings))
+
+
+class Node:
+    """A running node; :meth:`start` then :meth:`stop` (or use :func:`run_node`)."""
+
+    def __init__(self, settings: Settings, *, with_worker: bool = True,
+                 services: Sequence[Service] | None = None) -> None:
+        self.settings = settings
+        self.with_worker = with_worker
+        self._extra = list(services) if services is not None else None
+        self.store: Store | None = None
+        self.scp: StorageSCP | None = None
+        self.receivers: ReceiverProcesses | None = None
+        self.services: list[Service] = []
+
+    def start(self) -> None:
+        s = self.settings
+        log.info("applying database migrations", extra=kv(
+            url=s.database.url.split("@")[-1]))
+        self.store = Store.open(s, migrate=True)
+        self.store.reconcile()
+        if not s.node.allowed_calling_aets:
+            log.warning("node.allowed_calling_aets is empty: accepting any calling AE title")
+        extra = s.node.receivers - 1
+        self.scp = StorageSCP(s, self.store, reuse_port=extra > 0)
+        self.scp.start()
+        if extra:
+            self.receivers = ReceiverProcesses(s, extra)
+            self.receivers.start()
+        tracker = CompletenessTracker(self.store, s.completion.check_interval_seconds)
+        services: list[Service] = [tracker]
+        services += (self._extra if self._extra is not None
+                     else default_services(s, with_worker=self.with_worker))
+        for svc in services:
+            svc.start()
+            self.services.append(svc)
+        log.info("node ready", extra=kv(
+            ae_title=s.node.ae_title, host=s.node.host, port=s.node.port,
+            receivers=s.node.receivers, storage=str(self.store.root),
+            services=[svc.name for svc in self.services], pid=os.getpid()))
+
+    def check(self) -> None:
+        """Supervise: restart receiver processes that died."""
+        if self.receivers is not None:
+            self.receivers.check()
+
+    def stop(self, grace_seconds: float = 10.0) -> None:
+        log.info("node stopping")
+        for svc in reversed(self.services):
+            try:
+                svc.stop(grace_seconds)
+            except Exception:  # noqa: BLE001 - stop the rest regardless
+                log.exception("stopping service failed", extra=kv(service=svc.name))
+        self.services.clear()
+        if self.receivers is not None:
+            self.receivers.stop(grace_seconds)
+        if self.scp is not None:
+            self.scp.stop(grace_seconds)
+        if self.store is not None:
+            self.store.close()
+        log.info("node stopped")
+
+
+def run_node(settings: Settings, *, with_worker: bool = True,
+             services: Sequence[Service] | None = None) -> int:
+    """Run the node until SIGTERM or SIGINT; return the exit code (0 on a clean stop)."""
+    stop = threading.Event()
+
+    def _signal(signum: int, _frame: Any) -> None:
+        log.info("signal received", extra=kv(signal=signal.Signals(signum).name))
+        stop.set()
+
+    old = {sig: signal.signal(sig, _signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    node = Node(settings, with_worker=with_worker, services=services)
+    try:
+        node.start()
+        while not stop.wait(1.0):
+            node.check()
+    finally:
+        node.stop()
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    return 0

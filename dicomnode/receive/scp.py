@@ -1,0 +1,270 @@
+"""The DICOM SCP: C-ECHO and C-STORE over pynetdicom, answering with the right status.
+
+Every C-STORE is written through :meth:`dicomnode.store.Store.ingest`, which
+returns only once the file is durable and its row committed; only then does
+the handler return success (0x0000). Failure statuses (all documented in the
+README, section *receiving*):
+
+========  ============================================================
+0xA700    free disk below ``storage.min_free_mb`` (checked before writing)
+0xA701    the store could not write the file or commit the row
+0xA900    SOP Class (or Instance) UID in the dataset differs from the request
+0xC210    dataset cannot be decoded
+0xC220    Study/Series/SOP Instance UID or SOP Class UID missing
+0xC221    a UID is not a valid DICOM UID (never used in a path)
+0xC2FF    unexpected error in the handler (logged with the association)
+========  ============================================================
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicomnode.config import Settings
+from dicomnode.errors import StoreError
+from dicomnode.logs import kv
+from dicomnode.store import (
+    InvalidUIDError,
+    MissingAttributeError,
+    Store,
+    UndecodableError,
+    read_meta,
+)
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+OUT_OF_DISK = 0xA700
+STORE_FAILED = 0xA701
+SOP_MISMATCH = 0xA900
+CANNOT_DECODE = 0xC210
+MISSING_ATTRIBUTE = 0xC220
+INVALID_UID = 0xC221
+INTERNAL_ERROR = 0xC2FF
+
+
+class _ReusePortServer(ThreadedAssociationServer):
+    """Association server whose socket has SO_REUSEPORT: several receiving
+    processes share one port and the kernel spreads connections across them."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # type: ignore[union-attr]
+        super().server_bind()
+
+
+class _AssocStats:
+    __slots__ = ("stored", "failed", "bytes", "started")
+
+    def __init__(self) -> None:
+        self.stored = 0
+        self.failed = 0
+        self.bytes = 0
+        self.started = time.monotonic()
+
+
+def _assoc_fields(assoc: Any) -> dict[str, Any]:
+    req = assoc.requestor
+    return {"assoc": assoc.name, "calling_aet": req.ae_title,
+            "peer": f"{req.address}:{req.port}"}
+
+
+class StorageSCP:
+    """C-ECHO + C-STORE SCP for every storage SOP class and transfer syntax.
+
+    Parameters
+    ----------
+    settings
+        Node settings (``node.*``, ``storage.*``).
+    store
+        The store every instance is written through.
+    reuse_port
+        Bind with SO_REUSEPORT (set when ``node.receivers`` > 1).
+    """
+
+    def __init__(self, settings: Settings, store: Store, *, reuse_port: bool = False) -> None:
+        self.settings = settings
+        self.store = store
+        self.reuse_port = reuse_port
+        self.ae = self._build_ae()
+        self.server: ThreadedAssociationServer | None = None
+        self._stats: dict[int, _AssocStats] = {}
+        self._lock = threading.Lock()
+
+    def _build_ae(self) -> AE:
+        n = self.settings.node
+        ae = AE(ae_title=n.ae_title)
+        ae.require_called_aet = True
+        ae.require_calling_aet = list(n.allowed_calling_aets)
+        ae.maximum_associations = n.max_associations
+        ae.maximum_pdu_size = n.max_pdu
+        ae.acse_timeout = n.acse_timeout
+        ae.dimse_timeout = n.dimse_timeout
+        ae.network_timeout = n.network_timeout
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Listen on ``node.host:node.port`` (non-blocking: associations run in threads)."""
+        n = self.settings.node
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        server_class = _ReusePortServer if self.reuse_port else ThreadedAssociationServer
+        try:
+            server = self.ae.make_server((n.host, n.port), evt_handlers=handlers,
+                                         server_class=server_class)
+        except OSError as exc:
+            raise StoreError(f"node.port: cannot listen on {n.host}:{n.port}: {exc}") from None
+        thread = threading.Thread(target=server.serve_forever, name=f"scp-{n.port}",
+                                  daemon=True)
+        thread.start()
+        self.ae._servers.append(server)  # so that AE.shutdown() stops it too
+        self.server = server
+
+    def stop(self, grace_seconds: float = 10.0) -> None:
+        """Stop listening, let running associations finish for ``grace_seconds``, then abort."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+        deadline = time.monotonic() + grace_seconds
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = len(self.ae.active_associations)
+        if left:
+            log.warning("aborting associations at shutdown", extra=kv(count=left))
+        self.ae.shutdown()
+
+    # ------------------------------------------------------------------ events
+
+    def _on_conn_open(self, event: Any) -> None:
+        # Without TCP_NODELAY small PDUs (responses) wait for Nagle + delayed ACK.
+        try:
+            sock = event.assoc.dul.socket.socket
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (AttributeError, OSError):  # pragma: no cover - socket already gone
+            pass
+
+    def _on_requested(self, event: Any) -> None:
+        a = event.assoc
+        n = self.settings.node
+        rq = a.requestor
+        fields = {**_assoc_fields(a), "called_aet": rq.primitive.called_ae_title
+                  if rq.primitive is not None else ""}
+        called = fields["called_aet"]
+        if called and called != n.ae_title:
+            log.warning("rejecting association: called AE title is not ours",
+                        extra=kv(**fields, expected=n.ae_title))
+        elif n.allowed_calling_aets and rq.ae_title not in n.allowed_calling_aets:
+            log.warning("rejecting association: calling AE title not allowed", extra=kv(**fields))
+        else:
+            log.debug("association requested", extra=kv(**fields))
+
+    def _on_accepted(self, event: Any) -> None:
+        with self._lock:
+            self._stats[id(event.assoc)] = _AssocStats()
+        log.info("association accepted", extra=kv(**_assoc_fields(event.assoc)))
+
+    def _on_closed(self, event: Any) -> None:
+        with self._lock:
+            st = self._stats.pop(id(event.assoc), None)
+        if st is None:
+            return
+        how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        log.info(f"association {how}", extra=kv(
+            **_assoc_fields(event.assoc), stored=st.stored, failed=st.failed,
+            mb=round(st.bytes / 1e6, 2), seconds=round(time.monotonic() - st.started, 3)))
+
+    def _on_echo(self, event: Any) -> int:
+        return SUCCESS
+
+    def _count(self, assoc: Any, ok: bool, size: int = 0) -> None:
+        st = self._stats.get(id(assoc))
+        if st is not None:
+            if ok:
+                st.stored += 1
+                st.bytes += size
+            else:
+                st.failed += 1
+
+    def _fail(self, event: Any, status: int, msg: str, **fields: Any) -> int:
+        log.warning(msg, extra=kv(**_assoc_fields(event.assoc), status=f"0x{status:04X}",
+                                  **fields))
+        self._count(event.assoc, False)
+        return status
+
+    def _on_store(self, event: Any) -> int:
+        """C-STORE: validate, write durably, commit the row, then answer."""
+        try:
+            return self._store(event)
+        except Exception as exc:  # noqa: BLE001 - any failure is a status, never a crash
+            log.exception("C-STORE handler failed", extra=kv(
+                **_assoc_fields(event.assoc), error=f"{type(exc).__name__}: {exc}",
+                sop_instance_uid=str(getattr(event.request, "AffectedSOPInstanceUID", ""))))
+            self._count(event.assoc, False)
+            return INTERNAL_ERROR
+
+    def _store(self, event: Any) -> int:
+        req = event.request
+        sop_uid_cmd = str(req.AffectedSOPInstanceUID or "")
+        if not self.store.has_space():
+            return self._fail(event, OUT_OF_DISK, "refusing instance: disk space below minimum",
+                              free_mb=round(self.store.free_mb()),
+                              min_free_mb=self.settings.storage.min_free_mb,
+                              sop_instance_uid=sop_uid_cmd)
+        data = event.encoded_dataset()
+        try:
+            meta = read_meta(data)
+        except UndecodableError as exc:
+            return self._fail(event, CANNOT_DECODE, "cannot decode dataset", error=str(exc),
+                              sop_instance_uid=sop_uid_cmd)
+        except MissingAttributeError as exc:
+            return self._fail(event, MISSING_ATTRIBUTE, "required attribute missing",
+                              error=str(exc), sop_instance_uid=sop_uid_cmd)
+        except InvalidUIDError as exc:
+            return self._fail(event, INVALID_UID, "invalid UID", error=str(exc),
+                              sop_instance_uid=sop_uid_cmd)
+        ctx_class = str(event.context.abstract_syntax)
+        if meta.sop_class_uid != ctx_class:
+            return self._fail(event, SOP_MISMATCH, "SOP Class UID differs from the context",
+                              dataset_sop_class=meta.sop_class_uid, context_sop_class=ctx_class,
+                              sop_instance_uid=meta.sop_instance_uid)
+        if sop_uid_cmd and meta.sop_instance_uid != sop_uid_cmd:
+            return self._fail(event, SOP_MISMATCH, "SOP Instance UID differs from the command",
+                              dataset_sop_instance=meta.sop_instance_uid,
+                              command_sop_instance=sop_uid_cmd)
+        meta = meta.with_peer(event.assoc.requestor.ae_title, self.settings.node.ae_title)
+        try:
+            result = self.store.ingest(meta, data)
+        except OSError as exc:
+            status = OUT_OF_DISK if exc.errno in (errno.ENOSPC, errno.EDQUOT) else STORE_FAILED
+            return self._fail(event, status, "cannot write instance", error=str(exc),
+                              sop_instance_uid=meta.sop_instance_uid)
+        except StoreError as exc:
+            return self._fail(event, STORE_FAILED, "cannot record instance", error=str(exc),
+                              sop_instance_uid=meta.sop_instance_uid)
+        self._count(event.assoc, True, len(data))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("instance stored", extra=kv(
+                **_assoc_fields(event.assoc), outcome=result.outcome.value,
+                study_uid=meta.study_uid, series_uid=meta.series_uid,
+                sop_instance_uid=meta.sop_instance_uid, version=result.series_version))
+        return SUCCESS
