@@ -280,3 +280,26 @@ def arrange_sources(result: InferenceResult, sources: Sequence[Dataset]) -> Sour
 def voxel_volume_ml(result: InferenceResult) -> float:
     """Volume of one voxel in millilitres, from the affine."""
     return float(abs(np.linalg.det(np.asarray(result.volume.affine, float)[:3, :3]))) / 1000.0
+
+
+# Patient- and study-level attributes copied from the source when the object
+# lacks them, so that dcentvfy finds every study attribute consistent across
+# the source series and our results. Values are copied, never invented.
+_CONTEXT_KEYWORDS = (
+    "StudyDescription", "PatientAge", "PatientSize", "PatientWeight", "PatientBirthTime",
+    "IssuerOfPatientID", "OtherPatientIDsSequence", "EthnicGroup", "PatientComments",
+    "AdmittingDiagnosesDescription", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+    "IssuerOfAccessionNumberSequence", "ClinicalTrialSponsorName", "ClinicalTrialProtocolID",
+    "ClinicalTrialProtocolName", "ClinicalTrialSiteID", "ClinicalTrialSiteName",
+    "ClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID", "ClinicalTrialTimePointID",
+    "ClinicalTrialTimePointDescription", "PatientIdentityRemoved", "DeidentificationMethod",
+)
+
+
+def copy_source_context(ds: Dataset, src: Dataset) -> None:
+    """Copy the source's character set and missing patient/study attributes into ``ds``."""
+    for kw in _CONTEXT_KEYWORDS:
+        if kw in src and kw not in ds:
+            ds[kw] = src[kw]
+    if "SpecificCharacterSet" in src:
+        ds.SpecificCharacterSet = src.SpecificCharacterSet

@@ -26,6 +26,7 @@ from dicomnode.encode.common import (
     EncodeOptions,
     SourceLayout,
     arrange_sources,
+    copy_source_context,
     validate_result,
 )
 from dicomnode.errors import EncodeError
@@ -288,13 +289,9 @@ def encode_sc(
         if frame is not None:
             ref.ReferencedFrameNumber = frame
         sc.SourceImageSequence = [ref]
-        if "SpecificCharacterSet" in src:
-            sc.SpecificCharacterSet = src.SpecificCharacterSet
         # Type 2C in General Series; dciodvfy cannot tell whether the body part is
         # paired, so always present (empty unless the source says more).
         sc.Laterality = src.get("Laterality", "") or ""
-        for kw in ("StudyDescription", "PatientAge", "PatientSize", "PatientWeight"):
-            if kw in src and kw not in sc:
-                setattr(sc, kw, src.data_element(kw).value)
+        copy_source_context(sc, src)
         out.append(sc)
     return out

@@ -29,6 +29,7 @@ from dicomnode.encode.common import (
     EncodeOptions,
     SourceLayout,
     arrange_sources,
+    copy_source_context,
     hd_code,
     validate_result,
 )
@@ -214,15 +215,5 @@ def encode_seg(
         raise EncodeError(f"highdicom refused the segmentation of {model.name!r}: {exc}") from exc
     # Multi-valued LO: highdicom only takes one string without a warning.
     seg.SoftwareVersions = [f"dicomnode {options.node_version}", f"{model.name} {model.version}"]
-    _copy_source_context(seg, src0)
+    copy_source_context(seg, src0)
     return seg
-
-
-def _copy_source_context(ds: Dataset, src: Dataset) -> None:
-    """Study-level attributes highdicom does not copy, so dcentvfy finds no mismatch."""
-    for kw in ("SpecificCharacterSet", "StudyDescription", "PatientAge", "PatientSize",
-               "PatientWeight", "IssuerOfPatientID", "OtherPatientIDs"):
-        if kw in src and kw not in ds:
-            setattr(ds, kw, src.data_element(kw).value)
-    if "SpecificCharacterSet" in src:
-        ds.SpecificCharacterSet = src.SpecificCharacterSet

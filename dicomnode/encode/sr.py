@@ -32,6 +32,7 @@ from dicomnode.encode import uids
 from dicomnode.encode.common import (
     EncodeOptions,
     arrange_sources,
+    copy_source_context,
     hd_code,
     validate_result,
     voxel_volume_ml,
@@ -274,7 +275,5 @@ def encode_sr(
     except (ValueError, TypeError, AttributeError) as exc:
         raise EncodeError(f"highdicom refused the report of {model.name!r}: {exc}") from exc
     sr.SoftwareVersions = [f"dicomnode {options.node_version}", f"{model.name} {model.version}"]
-    from dicomnode.encode.seg import _copy_source_context
-
-    _copy_source_context(sr, src0)
+    copy_source_context(sr, src0)
     return sr

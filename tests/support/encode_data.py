@@ -1,8 +1,8 @@
 """Build InferenceResults for the encoder tests from series written by tests.support.series.
 
-``volume_from_paths`` is a small geometry-exact loader (single-frame and
-enhanced multi-frame) used until ``dicomnode.infer.load_volume`` exists; it
-sorts frames along the slice normal exactly as the domain's Volume requires.
+Volumes come from the node's own loader (:func:`dicomnode.infer.load_volume`);
+masks are asymmetric shapes so that flips, shifts and frame-order mistakes
+change the voxels.
 """
 
 from __future__ import annotations
@@ -11,13 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pydicom
 
 from dicomnode.domain import (
     ClassificationOutput,
     ClassSpec,
     CodedConcept,
-    FrameRef,
     InferenceResult,
     LabelSpec,
     Measurement,
@@ -25,6 +23,7 @@ from dicomnode.domain import (
     SegmentationOutput,
     Volume,
 )
+from dicomnode.infer import load_volume
 
 TISSUE = CodedConcept("85756007", "SCT", "Tissue")
 ORGAN = CodedConcept("123037004", "SCT", "Anatomical Structure")
@@ -39,61 +38,9 @@ MODEL = ModelInfo(name="test-seg", version="1.0", description="test segmentation
                   family="AI", weights_sha256=("ab" * 32,))
 
 
-def _load(paths: Sequence[Path]) -> list[pydicom.Dataset]:
-    return [pydicom.dcmread(p) for p in paths]
-
-
 def volume_from_paths(paths: Sequence[Path]) -> Volume:
-    """Volume (k, rows, cols) in source geometry from single- or multi-frame files."""
-    dss = _load(paths)
-    slices: list[tuple[np.ndarray, np.ndarray, FrameRef, np.ndarray]] = []
-    orientation = None
-    spacing = None
-    for ds in dss:
-        slope = float(getattr(ds, "RescaleSlope", 1.0))
-        intercept = float(getattr(ds, "RescaleIntercept", 0.0))
-        if "PerFrameFunctionalGroupsSequence" in ds:
-            shared = ds.SharedFunctionalGroupsSequence[0]
-            arr = ds.pixel_array.reshape(int(ds.NumberOfFrames), ds.Rows, ds.Columns)
-            for i, fg in enumerate(ds.PerFrameFunctionalGroupsSequence):
-                ori = (fg.get("PlaneOrientationSequence") or shared.PlaneOrientationSequence)[0]
-                pm = (fg.get("PixelMeasuresSequence") or shared.PixelMeasuresSequence)[0]
-                pos = np.array(fg.PlanePositionSequence[0].ImagePositionPatient, float)
-                tr = fg.get("PixelValueTransformationSequence") or shared.get(
-                    "PixelValueTransformationSequence")
-                s, b = (float(tr[0].RescaleSlope), float(tr[0].RescaleIntercept)) if tr \
-                    else (slope, intercept)
-                orientation = np.array(ori.ImageOrientationPatient, float)
-                spacing = [float(v) for v in pm.PixelSpacing]
-                slices.append((pos, arr[i].astype(np.float32) * s + b,
-                               FrameRef(ds.SOPInstanceUID, ds.SOPClassUID, i + 1), orientation))
-        else:
-            orientation = np.array(ds.ImageOrientationPatient, float)
-            spacing = [float(v) for v in ds.PixelSpacing]
-            slices.append((np.array(ds.ImagePositionPatient, float),
-                           ds.pixel_array.astype(np.float32) * slope + intercept,
-                           FrameRef(ds.SOPInstanceUID, ds.SOPClassUID), orientation))
-    assert orientation is not None and spacing is not None
-    normal = np.cross(orientation[:3], orientation[3:])
-    slices.sort(key=lambda t: float(np.dot(t[0], normal)))
-    positions = np.array([s[0] for s in slices])
-    affine = np.eye(4)
-    affine[:3, 1] = orientation[3:] * spacing[0]
-    affine[:3, 2] = orientation[:3] * spacing[1]
-    affine[:3, 3] = positions[0]
-    affine[:3, 0] = (positions[-1] - positions[0]) / (len(slices) - 1) if len(slices) > 1 \
-        else normal
-    ds0 = dss[0]
-    return Volume(
-        array=np.stack([s[1] for s in slices]).astype(np.float32),
-        affine=affine,
-        frames=tuple(s[2] for s in slices),
-        study_uid=ds0.StudyInstanceUID,
-        series_uid=ds0.SeriesInstanceUID,
-        frame_of_reference_uid=str(ds0.get("FrameOfReferenceUID", "")),
-        modality=ds0.Modality,
-        paths=tuple(Path(p) for p in paths),
-    )
+    """The node's own loader (:func:`dicomnode.infer.load_volume`)."""
+    return load_volume(list(paths))
 
 
 def ball(shape: tuple[int, int, int], center: Sequence[float], radius: float) -> np.ndarray:
