@@ -1,0 +1,91 @@
+"""``dicomnode routes check|explain`` end to end through the CLI entry point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from dicomnode.cli import main
+from tests.support.series import write_series
+
+CONFIG = {
+    "destinations": [
+        {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242},
+        {"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": 4243},
+    ],
+    "routes": [
+        {"name": "mr-brain-t1",
+         "when": {"Modality": "MR", "SeriesDescription": {"regex": "(?i)t1"}},
+         "models": ["deepbet-brain"], "send": ["pacs"]},
+        {"name": "ct", "when": {"Modality": "CT", "calling_aet": "ORTHANC"},
+         "models": ["ct-tissue"], "send": [{"to": "pacs", "formats": ["seg"]}]},
+        {"name": "everything", "default": True, "forward": ["archive"]},
+    ],
+}
+MODELS = ["--model", "deepbet-brain", "--model", "ct-tissue"]
+
+
+@pytest.fixture()
+def config(tmp_path: Path) -> Path:
+    p = tmp_path / "node.yaml"
+    p.write_text(yaml.safe_dump({**CONFIG, "models": {"path": str(tmp_path / "no-models")}}))
+    return p
+
+
+@pytest.fixture(scope="module")
+def series_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("series")
+    arr = np.zeros((3, 8, 8), np.float32)
+    write_series(arr, d / "mr", modality="MR", series_description="Sag T1 MPRAGE")
+    write_series(arr, d / "ct", modality="CT", series_number=2)
+    (d / "notes.txt").write_text("not DICOM")
+    return d
+
+
+def test_check_lists_rules(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-c", str(config), "routes", "check", *MODELS]) == 0
+    out = capsys.readouterr().out
+    assert "routes[1] (ct)" in out and "send seg to pacs" in out
+    assert "Modality == 'CT' AND calling_aet == 'ORTHANC'" in out
+
+
+def test_check_reports_unknown_model(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-c", str(config), "routes", "check"]) == 2
+    err = capsys.readouterr().err
+    assert "routes[0] (mr-brain-t1): models[0]: unknown model 'deepbet-brain'" in err
+
+
+def test_explain_series_folder(config: Path, series_dir: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["-c", str(config), "routes", "explain", str(series_dir), "--calling-aet", "CT1",
+               *MODELS])
+    assert rc == 0
+    out = capsys.readouterr().out
+    blocks = out.split(str(series_dir))[1:]
+    assert len(blocks) == 2  # one per series, the junk file ignored
+    mr = next(b for b in blocks if "modality MR" in b)
+    ct = next(b for b in blocks if "modality CT" in b)
+    assert "MATCH routes[0] (mr-brain-t1)" in mr and "-> models deepbet-brain" in mr
+    assert "no    routes[1] (ct)" in ct
+    assert "calling_aet is 'CT1', required calling_aet == 'ORTHANC'" in ct
+    assert "MATCH routes[2] (everything)" in ct and "forward originals to archive" in ct
+
+
+def test_explain_file_with_aets(config: Path, series_dir: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    f = sorted((series_dir / "ct").iterdir())[0]
+    assert main(["-c", str(config), "routes", "explain", str(f), "--calling-aet", "ORTHANC",
+                 *MODELS]) == 0
+    out = capsys.readouterr().out
+    assert "MATCH routes[1] (ct)" in out and "called_aet 'DICOMNODE'" in out
+
+
+def test_explain_bad_path(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    assert main(["-c", str(config), "routes", "explain", str(tmp_path / "empty"), *MODELS]) == 2
+    assert "no readable DICOM file" in capsys.readouterr().err
+    assert main(["-c", str(config), "routes", "explain", str(tmp_path / "nope"), *MODELS]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
