@@ -186,6 +186,17 @@ def dciodvfy(path: Path | str) -> DciodvfyResult:
     return DciodvfyResult(Path(path), errors, warnings, out)
 
 
+def dcentvfy(*paths: Path | str) -> DciodvfyResult:
+    """Run dicom3tools' ``dcentvfy`` (entity consistency across files: same patient,
+    study, series attributes wherever they repeat) and split errors / warnings."""
+    exe = shutil.which("dcentvfy") or "/usr/bin/dcentvfy"
+    proc = subprocess.run([exe, *map(str, paths)], capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    errors = tuple(line for line in out.splitlines() if line.lstrip().startswith("Error"))
+    warnings = tuple(line for line in out.splitlines() if line.lstrip().startswith("Warning"))
+    return DciodvfyResult(Path(paths[0]) if paths else Path("."), errors, warnings, out)
+
+
 def dcmtk(tool: str, *args: str, timeout: float = 300.0, check: bool = False) -> subprocess.CompletedProcess[str]:
     """Run a DCMTK tool from /usr/bin with TCP_NODELAY=1."""
     return subprocess.run([f"/usr/bin/{tool}", *args], capture_output=True, text=True,
