@@ -28,6 +28,8 @@ from dicomnode.errors import StoreError
 from dicomnode.logs import kv
 
 log = logging.getLogger(__name__)
+# Alembic narrates every step at INFO; the node logs what matters itself.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 

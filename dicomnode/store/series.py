@@ -15,9 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, bindparam, func, select, update
 
 from dicomnode.domain import Job
 from dicomnode.store import queue
@@ -79,32 +78,43 @@ def series_id(conn: Connection, m: InstanceMeta, st_id: int, now: datetime,
     return int(row.id)
 
 
+# Hot-path statements are built once: building SQLAlchemy constructs per
+# instance costs more than executing them.
+_SEL_OLD = select(instances.c.id, instances.c.path, instances.c.series_id).where(
+    instances.c.sop_instance_uid == bindparam("b_sop"))
+# At most one version of a series is 'receiving' (only the newest can be).
+_UPD_OPEN = (update(versions)
+             .where(versions.c.series_id == bindparam("b_sid"), versions.c.state == RECEIVING)
+             .values(last_received_at=bindparam("b_now"),
+                     instance_count=versions.c.instance_count + bindparam("b_inc"),
+                     expected_count=func.coalesce(bindparam("b_exp"), versions.c.expected_count))
+             .returning(versions.c.id, versions.c.version, versions.c.instance_count,
+                        versions.c.expected_count))
+_SEL_LATEST = (select(versions.c.version, versions.c.instance_count)
+               .where(versions.c.series_id == bindparam("b_sid"))
+               .order_by(versions.c.version.desc()).limit(1))
+_INS_INSTANCE = instances.insert()
+_UPD_INSTANCE = update(instances).where(instances.c.id == bindparam("b_id")).values(
+    series_id=bindparam("b_series_id"), version=bindparam("b_version"),
+    sop_class_uid=bindparam("b_sop_class_uid"),
+    transfer_syntax_uid=bindparam("b_transfer_syntax_uid"),
+    instance_number=bindparam("b_instance_number"), path=bindparam("b_path"),
+    size=bindparam("b_size"), calling_aet=bindparam("b_calling_aet"),
+    received_at=bindparam("b_received_at"), file_missing=bindparam("b_file_missing"))
+
+
 def _touch_version(conn: Connection, se_id: int, m: InstanceMeta, inc: int,
                    now: datetime) -> tuple[int, int, int, int | None]:
     """Count an instance into the open version (creating one if needed).
 
     Returns ``(version row id, version, instance_count, expected_count)``.
     """
-    cur = conn.execute(
-        select(versions.c.id, versions.c.version, versions.c.state, versions.c.instance_count)
-        .where(versions.c.series_id == se_id).order_by(versions.c.version.desc()).limit(1)
-    ).first()
-    if cur is not None:
-        values: dict[str, Any] = dict(last_received_at=now,
-                                      instance_count=versions.c.instance_count + inc)
-        if m.expected_count:
-            values["expected_count"] = m.expected_count
-        res = conn.execute(update(versions).where(
-            versions.c.id == cur.id, versions.c.state == RECEIVING).values(**values))
-        if res.rowcount == 1:
-            r = conn.execute(select(versions.c.instance_count, versions.c.expected_count)
-                             .where(versions.c.id == cur.id)).one()
-            return cur.id, cur.version, r.instance_count, r.expected_count
-        prev_count = conn.execute(select(versions.c.instance_count)
-                                  .where(versions.c.id == cur.id)).scalar_one()
-        new_version = cur.version + 1
-    else:
-        prev_count, new_version = 0, 1
+    r = conn.execute(_UPD_OPEN, {"b_sid": se_id, "b_now": now, "b_inc": inc,
+                                 "b_exp": m.expected_count}).first()
+    if r is not None:
+        return int(r.id), int(r.version), int(r.instance_count), r.expected_count
+    cur = conn.execute(_SEL_LATEST, {"b_sid": se_id}).first()
+    prev_count, new_version = (0, 1) if cur is None else (cur.instance_count, cur.version + 1)
     # A unique-constraint race here (two receivers opening the same version on
     # PostgreSQL) raises IntegrityError; Store retries the whole transaction.
     vid = conn.execute(versions.insert().values(
@@ -124,8 +134,7 @@ def record_instance(conn: Connection, m: InstanceMeta, *, relpath: str, size: in
     """Insert or replace an instance row and count it into its series version."""
     st_id = study_id(conn, m, now, cache)
     se_id = series_id(conn, m, st_id, now, cache)
-    old = conn.execute(select(instances.c.id, instances.c.path, instances.c.series_id)
-                       .where(instances.c.sop_instance_uid == m.sop_instance_uid)).first()
+    old = conn.execute(_SEL_OLD, {"b_sop": m.sop_instance_uid}).first()
     # A replacement within the same series does not add to the count.
     inc = 0 if (old is not None and old.series_id == se_id) else 1
     v_id, version, count, expected = _touch_version(conn, se_id, m, inc, now)
@@ -134,9 +143,9 @@ def record_instance(conn: Connection, m: InstanceMeta, *, relpath: str, size: in
                   path=relpath, size=size, calling_aet=m.calling_aet, received_at=now,
                   file_missing=False)
     if old is None:
-        conn.execute(instances.insert().values(sop_instance_uid=m.sop_instance_uid, **values))
+        conn.execute(_INS_INSTANCE, {"sop_instance_uid": m.sop_instance_uid, **values})
     else:
-        conn.execute(update(instances).where(instances.c.id == old.id).values(**values))
+        conn.execute(_UPD_INSTANCE, {"b_id": old.id, **{f"b_{k}": v for k, v in values.items()}})
     job = None
     if use_expected_counts and expected and count >= expected:
         job = complete_version(conn, v_id, by="count", now=now, priority=priority)
