@@ -100,6 +100,33 @@ def _overlaps(label_map: np.ndarray, mask: np.ndarray) -> bool:
     return False
 
 
+class _Segmentation(hd.seg.Segmentation):
+    """highdicom's Segmentation with a slice-wise overlap check for stacked masks.
+
+    For a 4D boolean array highdicom decides SegmentsOverlap with
+    ``array.sum(axis=-1)``, an int64 temporary of 8 bytes per voxel (630 MB for
+    300 x 512 x 512). Models with nested labels (body / bone / air) always take
+    that path, so we compute the same answer one slice at a time. Everything
+    else is highdicom's own code (the override returns exactly what it would).
+    """
+
+    @classmethod
+    def _check_and_cast_pixel_array(  # type: ignore[override]
+        cls, pixel_array: object, segment_numbers: np.ndarray,
+        segmentation_type: hd.seg.SegmentationTypeValues, dtype: type,
+    ) -> tuple[object, hd.seg.SegmentsOverlapValues]:
+        if (isinstance(pixel_array, np.ndarray) and pixel_array.ndim == 4
+                and pixel_array.dtype == np.bool_
+                and segmentation_type == hd.seg.SegmentationTypeValues.BINARY
+                and pixel_array.shape[-1] == len(segment_numbers)):
+            overlap = any(int(pixel_array[k].sum(axis=-1, dtype=np.uint8).max()) > 1
+                          for k in range(pixel_array.shape[0]))
+            return pixel_array, (hd.seg.SegmentsOverlapValues.YES if overlap
+                                 else hd.seg.SegmentsOverlapValues.NO)
+        return super()._check_and_cast_pixel_array(  # type: ignore[misc]
+            pixel_array, segment_numbers, segmentation_type, dtype)
+
+
 def _to_source_frames(array: np.ndarray, layout: SourceLayout, axis: int = 0) -> np.ndarray:
     """Reorder/pad volume slices to the multi-frame source's frame order."""
     if not layout.multiframe:
@@ -188,7 +215,7 @@ def encode_seg(
     if options.institution_name:
         kwargs["institution_name"] = options.institution_name
     try:
-        seg = hd.seg.Segmentation(
+        seg = _Segmentation(
             source_images=list(layout.datasets),
             pixel_array=pixels,
             segmentation_type=seg_type,
