@@ -38,6 +38,13 @@ test: setup apt
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not container" $(PYTEST_ARGS)
 
+# Builds the podman image (docker/build.sh: cached debootstrap base + host wheelhouse) and runs it.
+container-test: setup apt
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null || { \
+	  echo "installing podman, runc, debootstrap"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap; }
+	$(PY) -m pytest -q -m container tests/e2e $(PYTEST_ARGS)
+
 bench: setup apt
 	$(PY) -m benchmarks
 

@@ -1,0 +1,100 @@
+"""The container image: built by docker/build.sh with podman, run with --network host.
+
+Cold (no cached base or wheelhouse) the build takes a few minutes (debootstrap
+plus pip wheel); warm it reuses the cached base, wheelhouse and image layers.
+The ``container_node`` fixture yields a running node; the Orthanc round trip
+through the container plugs in here once the worker exists.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from tests.support.dispatch_container import (
+    IMAGE,
+    ROOT,
+    ContainerNode,
+    build_image,
+    c_echo,
+    node_container,
+    podman,
+    podman_available,
+)
+from tests.support.peers import dcmtk
+
+pytestmark = [pytest.mark.container, pytest.mark.slow]
+
+
+@pytest.fixture(scope="session")
+def image() -> str:
+    reason = podman_available()
+    if reason:
+        pytest.skip(reason)
+    seconds = build_image(IMAGE)
+    print(f"\nimage {IMAGE} built in {seconds:.0f} s")
+    return IMAGE
+
+
+@pytest.fixture(scope="module")
+def container_node(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ContainerNode]:
+    with node_container(tmp_path_factory.mktemp("node-data"), image) as node:
+        yield node
+
+
+def test_c_echo_from_pynetdicom_and_dcmtk(container_node: ContainerNode) -> None:
+    assert c_echo(container_node.port) == 0
+    proc = dcmtk("echoscu", "-aet", "ECHOSCU", "-aec", container_node.ae_title,
+                 "127.0.0.1", str(container_node.port), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    # A wrong called AE title is refused by the containerised node too.
+    assert c_echo(container_node.port, called_aet="NOT_THE_NODE") is None
+
+
+def test_healthcheck_is_a_c_echo(container_node: ContainerNode) -> None:
+    inspect = podman("inspect", "-f", "{{json .Config.Healthcheck}}", container_node.name)
+    assert "healthcheck.py" in inspect.stdout
+    hc = podman("healthcheck", "run", container_node.name, check=False, timeout=60)
+    assert hc.returncode == 0, hc.stdout + hc.stderr
+    # Run the same check by hand to see what it says.
+    out = container_node.exec("/opt/dicomnode/bin/python",
+                              "/usr/local/lib/dicomnode/healthcheck.py")
+    assert out.returncode == 0 and "healthy: C-ECHO to DICOMNODE@127.0.0.1" in out.stdout
+
+
+def test_non_root_cpu_only_with_models(container_node: ContainerNode) -> None:
+    assert container_node.exec("id", "-u").stdout.strip() == "10001"
+    probe = container_node.exec("/opt/dicomnode/bin/python", "-c", (
+        "import importlib.util, onnxruntime;"
+        "print(importlib.util.find_spec('torch') is None);"
+        "print(onnxruntime.get_available_providers())"))
+    assert probe.returncode == 0, probe.stderr
+    no_torch, providers = probe.stdout.split("\n")[:2]
+    assert no_torch == "True"
+    assert "CPUExecutionProvider" in providers
+    assert not any(gpu in providers for gpu in ("CUDA", "TensorRT", "ROCM", "MIGraphX"))
+    pkgs = container_node.exec("/opt/dicomnode/bin/pip", "list", "--format=freeze").stdout.lower()
+    assert "nvidia" not in pkgs and "cuda" not in pkgs and "torch" not in pkgs
+    shipped = sorted(p.name for p in (ROOT / "models").iterdir()) if (ROOT / "models").is_dir() \
+        else []
+    listing = container_node.exec("ls", "-1", "/app/models").stdout.split()
+    assert sorted(listing) == shipped
+
+
+def test_received_instance_lands_in_the_volume(container_node: ContainerNode,
+                                               tmp_path: Path) -> None:
+    src = Path(shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "ct.dcm"))
+    uid = pydicom.dcmread(src, stop_before_pixels=True).SOPInstanceUID
+    proc = dcmtk("storescu", "-aet", "MODALITY", "-aec", container_node.ae_title,
+                 "127.0.0.1", str(container_node.port), str(src), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    stored = [p for p in (container_node.data_dir / "storage").rglob("*") if p.is_file()
+              and p.suffix not in (".tmp",)]
+    uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in stored}
+    assert uid in uids
+    assert (container_node.data_dir / "dicomnode.db").is_file()
