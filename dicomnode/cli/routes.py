@@ -19,7 +19,7 @@ from dicomnode.routing import RoutingTable, Rule
 log = logging.getLogger(__name__)
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "routes",
         help="check the routing rules or explain which rule a series matches",

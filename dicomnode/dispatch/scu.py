@@ -241,7 +241,7 @@ def _accepted(assoc: Association) -> dict[UID, list[UID]]:
     """SOP class -> accepted syntaxes, in the order pynetdicom searches them."""
     acc: dict[UID, list[UID]] = {}
     for cx in assoc.accepted_contexts:
-        acc.setdefault(UID(cx.abstract_syntax), []).append(UID(cx.transfer_syntax[0]))
+        acc.setdefault(UID(str(cx.abstract_syntax)), []).append(UID(cx.transfer_syntax[0]))
     return acc
 
 
@@ -348,10 +348,10 @@ def store_files(
         ``outcomes`` carries the per-file outcomes known at that point.
     """
     calling = destination.calling_ae_title or calling_ae_title
-    paths = [Path(p) for p in paths]
+    files = [Path(p) for p in paths]
     outcomes: dict[int, FileOutcome] = {}
     items: list[_Item] = []
-    for i, p in enumerate(paths):
+    for i, p in enumerate(files):
         r = _read_item(i, p)
         if isinstance(r, FileOutcome):
             outcomes[i] = r
@@ -359,7 +359,7 @@ def store_files(
             items.append(r)
 
     def ordered() -> tuple[FileOutcome, ...]:
-        return tuple(outcomes[i] for i in range(len(paths)))
+        return tuple(outcomes[i] for i in range(len(files)))
 
     ae = AE(ae_title=calling)
     ae.acse_timeout = acse_timeout
@@ -371,7 +371,7 @@ def store_files(
     for batch, contexts in _batches(items):
         connected: list[bool] = []
         received: list[Any] = []
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, lambda _e, c=connected: c.append(True)),
             (evt.EVT_ACSE_RECV, lambda e, r=received: r.append(e.primitive)),
         ]
@@ -379,6 +379,20 @@ def store_files(
         assoc = ae.associate(destination.host, destination.port, contexts=contexts,
                              ae_title=destination.ae_title, evt_handlers=handlers)
         n_assoc += 1
+        if not assoc.is_established and any(
+            getattr(p, "result", None) == 0x00 for p in received
+        ):
+            # A-ASSOCIATE-AC with every presentation context refused
+            # (pynetdicom then aborts): the peer takes none of these SOP class /
+            # syntax pairs. Asking again will not change that.
+            for it in batch:
+                outcomes[it.index] = _failed(
+                    it, f"{peer} accepted no presentation context for {it.sop_class.name} "
+                    f"({it.sop_class}) with {it.syntax.name} ({it.syntax}) or any fallback",
+                    transient=False)
+            log.warning("dispatch: peer refused every presentation context", extra=kv(
+                destination=destination.name, peer=peer, files=len(batch)))
+            continue
         if not assoc.is_established:
             if not connected:
                 why = f"cannot connect to {peer} (connection refused or unreachable)"
@@ -391,12 +405,13 @@ def store_files(
             for it in items:  # later batches were never tried
                 outcomes.setdefault(it.index, _failed(it, f"not sent: {why}", transient=True))
             log.warning("dispatch association failed", extra=kv(
-                destination=destination.name, peer=peer, reason=why, files=len(paths)))
+                destination=destination.name, peer=peer, reason=why, files=len(files)))
             raise AssociationFailed(why, ordered())
         try:
             # Small PDUs (C-STORE responses, short datasets) must not wait
             # for Nagle's algorithm.
-            assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = assoc.dul.socket.socket  # type: ignore[union-attr]
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
         except (AttributeError, OSError):
             pass
         accepted = _accepted(assoc)
@@ -419,7 +434,7 @@ def store_files(
             for it in items:
                 outcomes.setdefault(it.index, _failed(it, f"not sent: {lost}", transient=True))
             log.warning("dispatch association lost", extra=kv(
-                destination=destination.name, peer=peer, files=len(paths)))
+                destination=destination.name, peer=peer, files=len(files)))
             raise AssociationFailed(lost, ordered())
         done = [outcomes[it.index] for it in batch]
         log.info("dispatch batch sent", extra=kv(

@@ -251,3 +251,15 @@ def test_more_than_128_contexts_split_into_associations(
     assert all(len(r) <= 128 for r in scp.requested)
     assert sorted(len(r) for r in scp.requested) == [12, 128]
     assert len(scp.received) == 70
+
+
+def test_peer_refusing_every_context_is_permanent_per_file(
+    tmp_path: Path, samples: dict[str, Path]
+) -> None:
+    # storescp takes only uncompressed syntaxes: an RLE-only batch gets an
+    # association with no accepted context, which no retry can fix.
+    with storescp_running(tmp_path / "in") as scp:
+        result = store_files(dest(scp.port, scp.ae_title), [samples["mr_rle"]])
+    (out,) = result.outcomes
+    assert out.state is OutcomeState.FAILED and not out.transient
+    assert "accepted no presentation context" in out.message and "RLE Lossless" in out.message
