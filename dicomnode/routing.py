@@ -48,12 +48,14 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 
 from dicomnode.config import DestinationConfig, Settings
+from dicomnode.domain import InstanceRef
 from dicomnode.errors import RoutingError
 
 #: Keys of ``when:`` that are not DICOM keywords but association properties.
@@ -463,6 +465,19 @@ def _check_dataset_keyword(keyword: str) -> None:
     # this only guards callers that build Rules by hand.
     if keyword not in AE_KEYS and tag_for_keyword(keyword) is None:
         raise RoutingError(f"unknown DICOM keyword {keyword!r}")
+
+
+def representative(instances: Sequence[InstanceRef]) -> Dataset:
+    """The header rules are evaluated on: the series' lowest Instance Number.
+
+    Ties and unnumbered instances fall back to the path order, so the choice is
+    stable. Pixel data is not read.
+    """
+    if not instances:
+        raise RoutingError("cannot route an empty series")
+    first = min(instances, key=lambda i: (i.instance_number is None,
+                                          i.instance_number or 0, str(i.path)))
+    return dcmread(first.path, stop_before_pixels=True)
 
 
 # --------------------------------------------------------------------------- table

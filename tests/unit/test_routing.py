@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import pydicom
 import pytest
 import yaml
 from pydicom.dataset import Dataset
 
 from dicomnode.config import DestinationConfig, load_settings
+from dicomnode.domain import InstanceRef
 from dicomnode.errors import RoutingError
-from dicomnode.routing import RoutingTable, SendTarget
+from dicomnode.routing import RoutingTable, SendTarget, representative
+from tests.support.series import write_series
 
 MODELS = {"deepbet-brain", "ct-tissue"}
 DESTS = (
@@ -268,3 +272,18 @@ def test_from_settings_yaml(tmp_path: Any) -> None:
     assert table.match(ds(Modality="CT")).send == (SendTarget("pacs", ("seg", "sr")),)
     with pytest.raises(RoutingError, match="unknown model 'ct-tissue' \\(known: none installed\\)"):
         RoutingTable.from_settings(settings, set())
+
+
+def test_representative_is_lowest_instance_number(tmp_path: Any) -> None:
+    paths = write_series(np.zeros((3, 4, 4), np.float32), tmp_path, modality="MR",
+                         series_description="T1")
+    refs = []
+    for p in reversed(paths):
+        d = pydicom.dcmread(p, stop_before_pixels=True)
+        refs.append(InstanceRef(d.StudyInstanceUID, d.SeriesInstanceUID, d.SOPInstanceUID,
+                                d.SOPClassUID, p, instance_number=int(d.InstanceNumber)))
+    rep = representative(refs)
+    assert int(rep.InstanceNumber) == min(r.instance_number for r in refs)  # type: ignore[type-var]
+    assert "PixelData" not in rep
+    with pytest.raises(RoutingError, match="empty series"):
+        representative([])
