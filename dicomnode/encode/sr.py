@@ -111,12 +111,15 @@ def computed_measurements(result: InferenceResult, index: int) -> list[Measureme
     assert result.segmentation is not None
     lab = result.segmentation.labels[index]
     mask = result.segmentation.masks[index]
-    count = int(np.count_nonzero(mask))
+    # Restrict to the slices the label touches, then reduce with where=: no
+    # copy of the selected voxels and no pass over empty slices.
+    touched = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
+    k0, k1 = (int(touched[0]), int(touched[-1]) + 1) if len(touched) else (0, 0)
+    count = int(np.count_nonzero(mask[k0:k1]))
     out = [Measurement("volume", count * voxel_volume_ml(result), "ml", lab.value)]
     if count:
-        # where= avoids materialising the selected voxels.
-        total = float(np.add.reduce(result.volume.array, axis=None, dtype=np.float64,
-                                    where=mask, initial=0.0))
+        total = float(np.add.reduce(result.volume.array[k0:k1], axis=None, dtype=np.float64,
+                                    where=mask[k0:k1], initial=0.0))
         unit = "[hnsf'U]" if result.volume.modality == "CT" else "1"
         out.append(Measurement("mean", total / count, unit, lab.value))
     return out
