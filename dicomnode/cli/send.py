@@ -130,74 +130,89 @@ class _Progress:
 def send_files(files: list[_File], host: str, port: int, called_aet: str, calling_aet: str,
                *, max_pdu: int = 0, timeout: float = 60.0, progress: bool = False) -> SendResult:
     """C-STORE every file; association failures mark the rest of a batch failed."""
-    from pynetdicom import AE
+
+    from pynetdicom import _config as pynetdicom_config
 
     result = SendResult(failed=[], skipped=[])
     bar = _Progress(len(files), progress)
-    for batch in _batches(files):
-        ae = AE(ae_title=calling_aet)
-        ae.maximum_pdu_size = max_pdu
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-        pairs: dict[str, list[str]] = {}
-        for f in batch:
-            tss = pairs.setdefault(f.sop_class_uid, [])
-            if f.transfer_syntax_uid not in tss:
-                tss.append(f.transfer_syntax_uid)
-        for sop_class, tss in pairs.items():
-            for ts in tss:  # one context per pair: the peer accepts or rejects each exactly
-                ae.add_requested_context(sop_class, ts)
-        assoc = ae.associate(host, port, ae_title=called_aet)
-        if not assoc.is_established:
-            why = "association rejected" if assoc.is_rejected else \
-                  "association aborted" if assoc.is_aborted else "peer unreachable"
-            if assoc.is_rejected and assoc.acceptor.primitive is not None:
-                prim = assoc.acceptor.primitive
-                why += f" (result {prim.result}, source {prim.result_source}, " \
-                       f"reason {prim.diagnostic})"
-            for f in batch:
-                result.failed.append((f.path, f.sop_instance_uid, why))  # type: ignore[union-attr]
-                bar.step(False)
-            continue
-        try:
-            assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (AttributeError, OSError):
-            pass
-        try:
-            for f in batch:
-                if not assoc.is_established:
-                    result.failed.append((f.path, f.sop_instance_uid,  # type: ignore[union-attr]
-                                          "association lost"))
-                    bar.step(False)
-                    continue
-                try:
-                    status = assoc.send_c_store(f.path)
-                except Exception as exc:  # noqa: BLE001 - report per file, keep going
-                    result.failed.append((f.path, f.sop_instance_uid,  # type: ignore[union-attr]
-                                          f"{type(exc).__name__}: {exc}"))
-                    bar.step(False)
-                    continue
-                code = getattr(status, "Status", None)
-                if code is None:
-                    result.failed.append((f.path, f.sop_instance_uid,  # type: ignore[union-attr]
-                                          "no response (timeout or abort)"))
-                    bar.step(False)
-                elif code == 0x0000:
-                    result.sent += 1
-                    bar.step(True)
-                elif code in (0x0001, 0x0107, 0x0116) or 0xB000 <= code <= 0xBFFF:
-                    result.sent += 1
-                    result.warnings += 1
-                    bar.step(True)
-                else:
-                    comment = getattr(status, "ErrorComment", "") or ""
-                    result.failed.append((f.path, f.sop_instance_uid,  # type: ignore[union-attr]
-                                          f"status 0x{code:04X} {comment}".strip()))
-                    bar.step(False)
-        finally:
-            if assoc.is_established:
-                assoc.release()
+    # Send each file's encoded dataset as stored: no decode, no re-encode.
+    chunked = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        for batch in _batches(files):
+            _send_batch(batch, result, bar, host, port, called_aet, calling_aet, max_pdu,
+                        timeout)
+    finally:
+        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = chunked
     bar.close()
     return result
+
+
+def _send_batch(batch: list[_File], result: SendResult, bar: _Progress, host: str, port: int,
+                called_aet: str, calling_aet: str, max_pdu: int, timeout: float) -> None:
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling_aet)
+    ae.maximum_pdu_size = max_pdu
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    pairs: dict[str, list[str]] = {}
+    for f in batch:
+        tss = pairs.setdefault(f.sop_class_uid, [])
+        if f.transfer_syntax_uid not in tss:
+            tss.append(f.transfer_syntax_uid)
+    for sop_class, tss in pairs.items():
+        for ts in tss:  # one context per pair: the peer accepts or rejects each exactly
+            ae.add_requested_context(sop_class, ts)
+    assoc = ae.associate(host, port, ae_title=called_aet)
+    if not assoc.is_established:
+        why = "association rejected" if assoc.is_rejected else \
+              "association aborted" if assoc.is_aborted else "peer unreachable"
+        if assoc.is_rejected and assoc.acceptor.primitive is not None:
+            prim = assoc.acceptor.primitive
+            why += f" (result {prim.result}, source {prim.result_source}, " \
+                   f"reason {prim.diagnostic})"
+        for f in batch:
+            result.failed.append((f.path, f.sop_instance_uid, why))  # type: ignore[union-attr]
+            bar.step(False)
+        return
+    try:
+        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):
+        pass
+    try:
+        for f in batch:
+            if not assoc.is_established:
+                result.failed.append((f.path, f.sop_instance_uid,  # type: ignore[union-attr]
+                                      "association lost"))
+                bar.step(False)
+                continue
+            try:
+                status = assoc.send_c_store(f.path)
+            except Exception as exc:  # noqa: BLE001 - report per file, keep going
+                result.failed.append((f.path, f.sop_instance_uid,  # type: ignore[union-attr]
+                                      f"{type(exc).__name__}: {exc}"))
+                bar.step(False)
+                continue
+            code = getattr(status, "Status", None)
+            if code is None:
+                result.failed.append((f.path, f.sop_instance_uid,  # type: ignore[union-attr]
+                                      "no response (timeout or abort)"))
+                bar.step(False)
+            elif code == 0x0000:
+                result.sent += 1
+                bar.step(True)
+            elif code in (0x0001, 0x0107, 0x0116) or 0xB000 <= code <= 0xBFFF:
+                result.sent += 1
+                result.warnings += 1
+                bar.step(True)
+            else:
+                comment = getattr(status, "ErrorComment", "") or ""
+                result.failed.append((f.path, f.sop_instance_uid,  # type: ignore[union-attr]
+                                      f"status 0x{code:04X} {comment}".strip()))
+                bar.step(False)
+    finally:
+        if assoc.is_established:
+            assoc.release()
 
 
 def _run(args: argparse.Namespace) -> int:

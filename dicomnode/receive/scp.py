@@ -37,8 +37,9 @@ from dicomnode.store import (
     MissingAttributeError,
     Store,
     UndecodableError,
-    read_meta,
 )
+from dicomnode.store.files import part10_header
+from dicomnode.store.parse import read_meta_fast
 
 log = logging.getLogger(__name__)
 
@@ -164,16 +165,19 @@ class StorageSCP:
             pass
 
     def _on_requested(self, event: Any) -> None:
+        # pynetdicom rejects by itself (require_called_aet / require_calling_aet);
+        # this only says why in our log, naming the peer.
         a = event.assoc
         n = self.settings.node
-        rq = a.requestor
-        fields = {**_assoc_fields(a), "called_aet": rq.primitive.called_ae_title
-                  if rq.primitive is not None else ""}
-        called = fields["called_aet"]
-        if called and called != n.ae_title:
+        prim = a.requestor.primitive
+        calling = str(prim.calling_ae_title).strip() if prim is not None else ""
+        called = str(prim.called_ae_title).strip() if prim is not None else ""
+        fields = {"assoc": a.name, "calling_aet": calling, "called_aet": called,
+                  "peer": f"{a.requestor.address}:{a.requestor.port}"}
+        if called != n.ae_title:
             log.warning("rejecting association: called AE title is not ours",
                         extra=kv(**fields, expected=n.ae_title))
-        elif n.allowed_calling_aets and rq.ae_title not in n.allowed_calling_aets:
+        elif n.allowed_calling_aets and calling not in n.allowed_calling_aets:
             log.warning("rejecting association: calling AE title not allowed", extra=kv(**fields))
         else:
             log.debug("association requested", extra=kv(**fields))
@@ -230,9 +234,15 @@ class StorageSCP:
                               free_mb=round(self.store.free_mb()),
                               min_free_mb=self.settings.storage.min_free_mb,
                               sop_instance_uid=sop_uid_cmd)
-        data = event.encoded_dataset()
+        # Write exactly the bytes received, behind a file meta group of our own
+        # (pynetdicom's encoder builds a pydicom Dataset per instance: too slow).
+        ctx = event.context
+        body = req.DataSet.getvalue()
+        calling = event.assoc.requestor.ae_title
+        head = part10_header(str(ctx.abstract_syntax), sop_uid_cmd, str(ctx.transfer_syntax),
+                             calling)
         try:
-            meta = read_meta(data)
+            meta = read_meta_fast(head, body, str(ctx.transfer_syntax))
         except UndecodableError as exc:
             return self._fail(event, CANNOT_DECODE, "cannot decode dataset", error=str(exc),
                               sop_instance_uid=sop_uid_cmd)
@@ -251,9 +261,9 @@ class StorageSCP:
             return self._fail(event, SOP_MISMATCH, "SOP Instance UID differs from the command",
                               dataset_sop_instance=meta.sop_instance_uid,
                               command_sop_instance=sop_uid_cmd)
-        meta = meta.with_peer(event.assoc.requestor.ae_title, self.settings.node.ae_title)
+        meta = meta.with_peer(calling, self.settings.node.ae_title)
         try:
-            result = self.store.ingest(meta, data)
+            result = self.store.ingest(meta, (head, body))
         except OSError as exc:
             status = OUT_OF_DISK if exc.errno in (errno.ENOSPC, errno.EDQUOT) else STORE_FAILED
             return self._fail(event, status, "cannot write instance", error=str(exc),
@@ -261,7 +271,7 @@ class StorageSCP:
         except StoreError as exc:
             return self._fail(event, STORE_FAILED, "cannot record instance", error=str(exc),
                               sop_instance_uid=meta.sop_instance_uid)
-        self._count(event.assoc, True, len(data))
+        self._count(event.assoc, True, len(body))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("instance stored", extra=kv(
                 **_assoc_fields(event.assoc), outcome=result.outcome.value,

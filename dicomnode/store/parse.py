@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.datadict import keyword_for_tag as dictionary_keyword
 from pydicom.tag import Tag
 
 from dicomnode.errors import InvalidInstanceError
+from dicomnode.store import fastparse
 from dicomnode.store.files import check_uid
 
 
@@ -106,7 +109,12 @@ def _uid(ds: Any, keyword: str) -> str:
 
 def meta_from_dataset(ds: Any, transfer_syntax_uid: str) -> InstanceMeta:
     """Build :class:`InstanceMeta` from a (possibly partial) pydicom dataset."""
+    core = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
     try:
+        if not any(ds.get(k) for k in core):
+            # Not one identifying attribute: garbage or a truncated stream, not a
+            # dataset with a missing attribute.
+            raise UndecodableError("no SOP Class/Instance, Study or Series UID could be decoded")
         study = _uid(ds, "StudyInstanceUID")
         series = _uid(ds, "SeriesInstanceUID")
         sop = _uid(ds, "SOPInstanceUID")
@@ -133,6 +141,54 @@ def meta_from_dataset(ds: Any, transfer_syntax_uid: str) -> InstanceMeta:
         raise
     except Exception as exc:  # noqa: BLE001 - malformed element values
         raise UndecodableError(f"cannot decode dataset: {type(exc).__name__}: {exc}") from None
+
+
+_FAST_TS = {"1.2.840.10008.1.2": False}  # implicit VR LE; every other LE TS is explicit
+_SLOW_TS = {"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}  # big endian, deflated
+_WANT = frozenset(int(t) for t in _TAGS) | {0x00080005}
+_KEYWORDS = {int(t): dictionary_keyword(t) for t in _TAGS}
+
+
+class _Raw(dict):  # type: ignore[type-arg]
+    """Keyword -> decoded value, the subset of the Dataset API meta_from_dataset uses."""
+
+
+def _decode(values: dict[int, bytes]) -> _Raw:
+    charset = values.get(0x00080005, b"").decode("ascii", "replace").strip("\x00 ")
+    encodings = convert_encodings([c.strip() for c in charset.split("\\")] if charset
+                                  else ["ISO_IR 6"])
+    out = _Raw()
+    for tag, raw in values.items():
+        kw = _KEYWORDS.get(tag)
+        if kw is None:
+            continue
+        if kw in ("PatientName", "StudyDescription", "SeriesDescription"):
+            out[kw] = decode_bytes(raw, encodings, set()).strip("\x00 ")
+        else:
+            out[kw] = raw.decode("ascii", "replace").strip("\x00 ")
+    return out
+
+
+def read_meta_fast(head: bytes, dataset: bytes | memoryview,
+                   transfer_syntax_uid: str) -> InstanceMeta:
+    """Parse the dataset of a C-STORE (``dataset`` = bytes after the file meta).
+
+    Little-endian streams are walked strictly by :mod:`fastparse` (the whole
+    top-level structure is checked); a stream that fails that walk for a reason
+    other than truncation, and big-endian or deflated streams, are parsed by
+    pydicom from the full Part 10 stream ``head + dataset``.
+    """
+    ts = str(transfer_syntax_uid)
+    if ts not in _SLOW_TS:
+        try:
+            values = fastparse.walk(dataset, explicit=_FAST_TS.get(ts, True), want=_WANT)
+        except fastparse.TruncatedError as exc:
+            raise UndecodableError(f"cannot decode dataset: {exc}") from None
+        except fastparse.StructureError:
+            values = None  # e.g. implicit VR data on an explicit context: let pydicom try
+        if values is not None:
+            return meta_from_dataset(_decode(values), ts)
+    return read_meta(bytes(head) + bytes(dataset))
 
 
 def read_meta(source: bytes | Path | str) -> InstanceMeta:
