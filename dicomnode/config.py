@@ -149,6 +149,35 @@ class DestinationConfig:
 
 
 @dataclass(frozen=True)
+class NotificationConfig:
+    """Where result summaries go besides PACS: a JSON webhook or HL7 v2 ORU^R01 over MLLP."""
+
+    name: str
+    kind: Literal["webhook", "hl7"]
+    url: str = ""  # webhook: http(s) URL receiving a POST of the JSON summary
+    auth_token: str = ""  # webhook: sent as "Authorization: Bearer <token>" when set
+    host: str = ""  # hl7: MLLP listener
+    port: int = 0
+    sending_application: str = "DICOMNODE"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    timeout_seconds: float = 10.0
+    retry_deadline_seconds: float = 3600.0
+
+    def validate(self, key: str) -> None:
+        if self.kind == "webhook" and not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"{key}.url: a webhook needs an http:// or https:// URL")
+        if self.kind == "hl7":
+            if not self.host:
+                raise ConfigError(f"{key}.host: an hl7 notification needs the MLLP host")
+            if not 0 < self.port < 65536:
+                raise ConfigError(f"{key}.port: {self.port} is not a TCP port (1-65535)")
+        if self.timeout_seconds <= 0:
+            raise ConfigError(f"{key}.timeout_seconds: must be > 0")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "INFO"
     json: bool = False
@@ -172,6 +201,7 @@ class Settings:
     # Routing rules stay raw here; dicomnode.routing validates them against
     # the known models and destinations.
     routes: tuple[Mapping[str, Any], ...] = ()
+    notifications: tuple[NotificationConfig, ...] = ()
     source: Path | None = None  # the YAML file the settings came from, if any
 
     def validate(self) -> None:
@@ -189,6 +219,12 @@ class Settings:
         for i, r in enumerate(self.routes):
             if not isinstance(r, Mapping):
                 raise ConfigError(f"routes[{i}]: must be a mapping, got {type(r).__name__}")
+        notification_names: set[str] = set()
+        for i, n in enumerate(self.notifications):
+            n.validate(f"notifications[{i}]")
+            if n.name in notification_names:
+                raise ConfigError(f"notifications[{i}].name: duplicate name {n.name!r}")
+            notification_names.add(n.name)
 
     def destination(self, name: str) -> DestinationConfig:
         for d in self.destinations:
