@@ -190,7 +190,7 @@ def load_sources(result: InferenceResult) -> list[Dataset]:
     if not paths:
         raise EncodeError(
             "no source datasets given and the volume lists no source paths")
-    out = []
+    out: list[Dataset] = []
     for p in paths:
         try:
             out.append(pydicom.dcmread(Path(p), stop_before_pixels=True))

@@ -101,11 +101,11 @@ def _compose(body: Image.Image, title: str, entries: list[tuple[tuple[int, int, 
     # Legend entries flow left to right and wrap.
     items: list[tuple[tuple[int, int, int] | None, str, int]] = []
     x, rows_used = pad, 1
-    for colour, text in entries:
-        w = size + pad // 2 + int(probe.textlength(text, font=font)) + 2 * pad  # type: ignore[arg-type]
+    for entry_colour, text in entries:
+        w = size + pad // 2 + int(probe.textlength(text, font=font)) + 2 * pad
         if x + w > width and x > pad:
             x, rows_used = pad, rows_used + 1
-        items.append((colour, text, rows_used))
+        items.append((entry_colour, text, rows_used))
         x += w
     top_h = (1 + rows_used) * line + pad
     cav = _wrap(probe, caveat, font, width - 2 * pad) if caveat else []
@@ -125,7 +125,7 @@ def _compose(body: Image.Image, title: str, entries: list[tuple[tuple[int, int, 
                            outline=(255, 255, 255))
             x += size + pad // 2
         draw.text((x, y), text, fill=(255, 255, 255), font=font)
-        x += int(draw.textlength(text, font=font)) + 2 * pad  # type: ignore[arg-type]
+        x += int(draw.textlength(text, font=font)) + 2 * pad
     y = top_h + body.height + pad
     for i, text in enumerate(bottom_lines):
         draw.text((pad, y), text, fill=(255, 220, 0) if i < len(cav) else (200, 200, 200),
@@ -164,7 +164,7 @@ def render_slices(result: InferenceResult, src: Dataset, options: EncodeOptions
     seg = result.segmentation
     if seg is not None:
         n = len(seg.labels)
-        per_slice = seg.masks.reshape(n, k_count, -1).any(axis=2)  # (labels, k), view + reduce
+        per_slice = np.asarray(seg.masks.reshape(n, k_count, -1).any(axis=2))  # (labels, k)
         nonempty = np.flatnonzero(per_slice.any(axis=0))
         ks = _select(nonempty, limit) if len(nonempty) else [k_count // 2]
         for k in ks:
@@ -273,8 +273,8 @@ def encode_sc(
             )
         except (ValueError, TypeError, AttributeError) as exc:
             raise EncodeError(f"highdicom refused a secondary capture: {exc}") from exc
-        sc.SoftwareVersions = [f"dicomnode {options.node_version}",
-                               f"{model.name} {model.version}"]
+        sc["SoftwareVersions"].value = [f"dicomnode {options.node_version}",
+                                        f"{model.name} {model.version}"]
         sc.BurnedInAnnotation = "YES"
         sc.ImageType = ["DERIVED", "SECONDARY"]
         sc.ImageComments = options.sc_caveat[:10240] if options.sc_caveat else None

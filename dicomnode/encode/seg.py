@@ -111,10 +111,10 @@ class _Segmentation(hd.seg.Segmentation):
     """
 
     @classmethod
-    def _check_and_cast_pixel_array(  # type: ignore[override]
-        cls, pixel_array: object, segment_numbers: np.ndarray,
+    def _check_and_cast_pixel_array(
+        cls, pixel_array: np.ndarray | hd.Volume, segment_numbers: np.ndarray,
         segmentation_type: hd.seg.SegmentationTypeValues, dtype: type,
-    ) -> tuple[object, hd.seg.SegmentsOverlapValues]:
+    ) -> tuple[np.ndarray | hd.Volume, hd.seg.SegmentsOverlapValues]:
         if (isinstance(pixel_array, np.ndarray) and pixel_array.ndim == 4
                 and pixel_array.dtype == np.bool_
                 and segmentation_type == hd.seg.SegmentationTypeValues.BINARY
@@ -123,7 +123,7 @@ class _Segmentation(hd.seg.Segmentation):
                           for k in range(pixel_array.shape[0]))
             return pixel_array, (hd.seg.SegmentsOverlapValues.YES if overlap
                                  else hd.seg.SegmentsOverlapValues.NO)
-        return super()._check_and_cast_pixel_array(  # type: ignore[misc]
+        return super()._check_and_cast_pixel_array(
             pixel_array, segment_numbers, segmentation_type, dtype)
 
 
@@ -211,9 +211,6 @@ def encode_seg(
         seg_type = hd.seg.SegmentationTypeValues.BINARY
 
     src0 = layout.first
-    kwargs = {}
-    if options.institution_name:
-        kwargs["institution_name"] = options.institution_name
     try:
         seg = _Segmentation(
             source_images=list(layout.datasets),
@@ -236,11 +233,12 @@ def encode_seg(
             content_creator_name=None,
             omit_empty_frames=not options.keep_empty_frames,
             series_description=uids.series_description("seg", model, seg_subject(result)),
-            **kwargs,
+            institution_name=options.institution_name or None,
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise EncodeError(f"highdicom refused the segmentation of {model.name!r}: {exc}") from exc
     # Multi-valued LO: highdicom only takes one string without a warning.
-    seg.SoftwareVersions = [f"dicomnode {options.node_version}", f"{model.name} {model.version}"]
+    seg["SoftwareVersions"].value = [f"dicomnode {options.node_version}",
+                                     f"{model.name} {model.version}"]
     copy_source_context(seg, src0)
     return seg

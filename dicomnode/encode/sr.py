@@ -252,9 +252,6 @@ def encode_sr(
         src0 = layout.first
         subject = seg_subject(result) if seg_out is not None else \
             ", ".join(c.spec.name for c in result.classifications)[:40]
-        kwargs = {}
-        if options.institution_name:
-            kwargs["institution_name"] = options.institution_name
         sr = hd.sr.Comprehensive3DSR(
             evidence=evidence,
             content=report,
@@ -273,10 +270,11 @@ def encode_sr(
             manufacturer_model_name=options.device_name,
             software_versions=f"dicomnode {options.node_version}",
             device_serial_number=options.serial_number,
-            **kwargs,
+            institution_name=options.institution_name or None,
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise EncodeError(f"highdicom refused the report of {model.name!r}: {exc}") from exc
-    sr.SoftwareVersions = [f"dicomnode {options.node_version}", f"{model.name} {model.version}"]
+    sr["SoftwareVersions"].value = [f"dicomnode {options.node_version}",
+                                    f"{model.name} {model.version}"]
     copy_source_context(sr, src0)
     return sr
