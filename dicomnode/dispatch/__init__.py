@@ -1,7 +1,8 @@
-"""Dispatch: send stored objects to destinations (C-STORE SCU) and decide retries."""
+"""Dispatch: send stored objects to destinations (C-STORE SCU), decide retries, notify."""
 
 from __future__ import annotations
 
+from dicomnode.dispatch.notify import ResultSummary, notify
 from dicomnode.dispatch.retry import RetryPolicy
 from dicomnode.dispatch.scu import (
     AssociationFailed,
@@ -18,10 +19,12 @@ __all__ = [
     "AssociationFailed",
     "FileOutcome",
     "OutcomeState",
+    "ResultSummary",
     "RetryPolicy",
     "SendResult",
     "is_transient_status",
     "is_warning_status",
+    "notify",
     "status_text",
     "store_files",
 ]
