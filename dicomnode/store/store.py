@@ -576,15 +576,19 @@ class Store:
                                                    root=self.root), attempts=3)
 
     def delivery_failed(self, delivery_id: int, error: str, *, transient: bool,
-                        peer_status: int | None = None) -> Delivery:
+                        peer_status: int | None = None,
+                        max_attempts: int | None = None) -> Delivery:
         """Record a failed send: retried with backoff while transient and before the
-        deadline (and below ``worker.max_attempts``), else ``failed``."""
+        deadline (and below ``max_attempts``, default ``worker.max_attempts``), else
+        ``failed``. The dispatcher passes a large ``max_attempts`` so that only the
+        destination's retry deadline bounds the retries."""
         w = self.settings.worker
         now = self.now()
+        limit = w.max_attempts if max_attempts is None else max_attempts
         return self._tx(lambda c: outbox.mark_failed(
             c, delivery_id=delivery_id, error=error, transient=transient,
             peer_status=peer_status, backoff_base=w.backoff_base_seconds,
-            backoff_max=w.backoff_max_seconds, max_attempts=w.max_attempts, now=now,
+            backoff_max=w.backoff_max_seconds, max_attempts=limit, now=now,
             root=self.root), attempts=3)
 
     def retry_delivery(self, delivery_id: int) -> Delivery:

@@ -1,0 +1,714 @@
+"""The pipeline: the only module that knows the order of the stages.
+
+::
+
+    claim job (lease) -> load series version -> route -> load volume -> run models
+        -> encode per destination formats -> write outputs -> ONE transaction:
+           record outputs + queue deliveries (outbox) + finish the job
+
+and, beside it, the dispatcher loop that drains the outbox::
+
+    claim due deliveries of a destination -> one association per batch (C-STORE SCU)
+        -> done | retry with backoff | failed (with the peer's status) after the deadline
+
+Processes
+---------
+``dicomnode serve`` starts :func:`services` (the node's service hook): ``worker.processes``
+worker processes and one dispatcher process, so inference never runs in the
+SCP's process; ``dicomnode worker`` runs the same services alone against the
+same database. Any number of workers and dispatchers may share a database:
+jobs and deliveries are claimed atomically with a lease.
+
+Failures
+--------
+:func:`classify` decides. Bad data or configuration (:class:`VolumeError`,
+:class:`ModelError`, :class:`EncodeError`, :class:`RoutingError`, an invalid
+instance, an unexpected exception in a model) is *permanent*: the job ends
+``failed`` with the reason, visible in ``dicomnode jobs list`` and re-triable
+with ``dicomnode jobs retry``. Storage and OS trouble (database locked, disk
+full, a file briefly missing) is *transient*: the job goes back to ``pending``
+with exponential backoff (``worker.backoff_*``) until ``worker.max_attempts``.
+A worker that dies leaves its job ``running`` with a lease; another worker
+reclaims it when the lease expires (a live worker renews its lease with a
+heartbeat thread while a long model runs).
+
+Superseded versions ("replace")
+-------------------------------
+A late instance after completion creates series version N+1 and its job; the
+store marks the older job ``superseded``. The results of version N+1 carry
+UIDs derived from the version, so they are *new* objects: a new SEG / SR
+Series Instance UID in the same study. Nothing is deleted in the PACS (C-STORE
+cannot delete, and a radiologist may have read the old result); the newest is
+the one with the later Series Date/Time and the higher version in the job
+list. A job superseded while it ran finishes ``superseded`` and queues no
+deliveries, so an outdated result is never sent after the newer one.
+
+Routing without rules
+---------------------
+With no ``routes:`` configured the node uses an embedded default: every model
+whose manifest applies to the series (modality, body part, description,
+slice count) runs, and the results are stored (nothing is sent, as no
+destination is configured). ``make run`` therefore does its main job out of
+the box; configure routes to send results to a PACS.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dicomnode.config import DestinationConfig, Settings
+from dicomnode.domain import Delivery, InstanceRef, Job, JobState, OutputObject, SeriesRef
+from dicomnode.errors import (
+    ConfigError,
+    DicomNodeError,
+    EncodeError,
+    InvalidInstanceError,
+    ModelError,
+    RoutingError,
+    StoreError,
+    VolumeError,
+)
+from dicomnode.logs import kv, setup_logging
+from dicomnode.routing import RouteDecision, RoutingTable, SendTarget, representative
+from dicomnode.store import NewDelivery, Store
+
+log = logging.getLogger(__name__)
+
+#: Deliveries are bounded by their destination's retry deadline, not by a count.
+_NO_ATTEMPT_LIMIT = 1_000_000
+
+
+# --------------------------------------------------------------------------- failures
+
+
+class LeaseLost(DicomNodeError):
+    """The job is no longer ours (cancelled, or reclaimed after our lease expired)."""
+
+
+def classify(exc: BaseException) -> tuple[bool, str]:
+    """``(transient, reason)`` for a failure while processing a job.
+
+    Permanent: the input or the configuration is wrong, or the model itself
+    crashed; retrying the same data gives the same answer. Transient: the
+    database, the disk or the OS had trouble that may pass.
+    """
+    name = type(exc).__name__
+    text = str(exc) or name
+    if isinstance(exc, VolumeError):
+        return False, f"volume: {text}"
+    if isinstance(exc, ModelError):
+        return False, f"model: {text}"
+    if isinstance(exc, EncodeError):
+        return False, f"encode: {text}"
+    if isinstance(exc, RoutingError | ConfigError):
+        return False, f"routing: {text}"
+    if isinstance(exc, InvalidInstanceError):
+        return False, f"instance: {text}"
+    if isinstance(exc, StoreError):
+        return True, f"store: {text}"
+    if isinstance(exc, MemoryError):
+        return True, "out of memory"
+    if isinstance(exc, OSError | TimeoutError | ConnectionError):
+        return True, f"{name}: {text}"
+    # An unexpected exception inside a model or encoder is a bug for this
+    # input; running it again only burns compute.
+    return False, f"unexpected {name}: {text}"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class JobReport:
+    """What one job did (returned by :meth:`Pipeline.process`, logged as ``job done``)."""
+
+    job_id: int
+    state: JobState
+    rule: str | None = None
+    models: tuple[str, ...] = ()
+    outputs: tuple[OutputObject, ...] = ()
+    deliveries: tuple[tuple[str, str], ...] = ()  # (destination, SOP Instance UID)
+    timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+class _Heartbeat:
+    """Renews a job's lease from a thread while the pipeline works.
+
+    The interval is a quarter of the lease (at most 30 s), so a live worker
+    keeps its job through a long model run while a dead one loses it after
+    ``worker.lease_seconds``.
+    """
+
+    def __init__(self, store: Store, job_id: int, worker_id: str, lease: float) -> None:
+        self.store, self.job_id, self.worker_id, self.lease = store, job_id, worker_id, lease
+        self.interval = max(0.2, min(30.0, lease / 4))
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}",
+                                        daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if not self.store.heartbeat(self.job_id, self.worker_id, self.lease):
+                    log.warning("job lease lost (cancelled or reclaimed)", extra=kv(
+                        job_id=self.job_id, worker=self.worker_id))
+                    self.lost.set()
+                    return
+            except Exception:  # noqa: BLE001 - the next beat retries; the lease has slack
+                log.exception("heartbeat failed", extra=kv(job_id=self.job_id))
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise LeaseLost(f"job {self.job_id}: lease lost (cancelled or reclaimed)")
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
+
+
+def _kind(ds: Any) -> str:
+    return {"SEG": "seg", "SR": "sr"}.get(str(ds.get("Modality", "")), "sc")
+
+
+def _text(ds: Any, keyword: str) -> str:
+    v = ds.get(keyword, "")
+    return "" if v is None else str(v).strip()
+
+
+def worker_identity(role: str, index: int = 0) -> str:
+    """``role@host:pid[:index]``: unique per process, readable in ``jobs show``."""
+    return f"{role}@{socket.gethostname()}:{os.getpid()}" + (f":{index}" if index else "")
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+class Pipeline:
+    """Processes claimed jobs: route, infer, encode, write, finish (outbox).
+
+    Parameters
+    ----------
+    settings
+        Validated settings.
+    store
+        This process's store.
+    registry
+        A :class:`dicomnode.infer.ModelRegistry`; default: built from
+        ``settings.models`` (models load lazily, then stay warm).
+    """
+
+    def __init__(self, settings: Settings, store: Store, registry: Any | None = None) -> None:
+        from dicomnode.infer import ModelRegistry
+
+        self.settings = settings
+        self.store = store
+        self.registry = registry if registry is not None else ModelRegistry(
+            settings.models.path, settings.models.enabled, settings.models.threads)
+        self.table = RoutingTable.from_settings(settings, self.registry.names())
+        self._dests = {d.name: d for d in settings.destinations}
+
+    # -- routing
+
+    def route(self, refs: Sequence[InstanceRef], sref: SeriesRef) -> tuple[RouteDecision, Any]:
+        """The routing decision for a series version and its representative header."""
+        ds = representative(refs)
+        if self.table.rules:
+            return self.table.match(ds, sref.calling_aet, sref.called_aet), ds
+        return self._embedded_default(ds, len(refs)), ds
+
+    def _embedded_default(self, ds: Any, n: int) -> RouteDecision:
+        models = tuple(self.registry.applicable(_text(ds, "Modality"),
+                                                _text(ds, "BodyPartExamined"),
+                                                _text(ds, "SeriesDescription"), n))
+        return RouteDecision(rule=None, models=models)
+
+    # -- the job
+
+    def process(self, job: Job, worker_id: str) -> JobReport:
+        """Run one claimed job to its end state; never raises for a job's own failure."""
+        timings: dict[str, float] = {}
+        report = JobReport(job.id, JobState.RUNNING, timings=timings)
+        lease = self.settings.worker.lease_seconds
+        t0 = time.perf_counter()
+        try:
+            with _Heartbeat(self.store, job.id, worker_id, lease) as hb:
+                outputs, deliveries = self._run(job, report, hb)
+                hb.check()
+                with _timed(timings, "finish"):
+                    done = self.store.finish_job(job.id, worker_id, outputs, deliveries)
+            report.state = done.state
+            report.outputs = tuple(outputs)
+            if done.state is JobState.DONE:
+                report.deliveries = tuple((d.destination, d.output.sop_instance_uid)
+                                          for d in deliveries)
+        except LeaseLost as exc:
+            report.state, report.error = self._current_state(job.id), str(exc)
+        except Exception as exc:  # noqa: BLE001 - every failure ends in a job state
+            transient, reason = classify(exc)
+            report.error = reason
+            log.log(logging.WARNING if transient else logging.ERROR, "job failed", extra=kv(
+                job_id=job.id, series_uid=job.series_uid, version=job.series_version,
+                transient=transient, attempt=job.attempts, reason=reason),
+                exc_info=not isinstance(exc, DicomNodeError))
+            try:
+                failed = self.store.fail_job(job.id, worker_id, reason, transient=transient)
+                report.state = failed.state
+            except StoreError as exc2:
+                # The lease is gone (cancelled / reclaimed): its new owner decides.
+                log.warning("could not record the job failure", extra=kv(
+                    job_id=job.id, error=str(exc2)))
+                report.state = self._current_state(job.id)
+        timings["total"] = time.perf_counter() - t0
+        log.info("job done" if report.state is JobState.DONE else f"job {report.state.value}",
+                 extra=kv(job_id=job.id, study_uid=job.study_uid, series_uid=job.series_uid,
+                          version=job.series_version, state=report.state.value,
+                          rule=report.rule, models=",".join(report.models),
+                          outputs=len(report.outputs), deliveries=len(report.deliveries),
+                          error=report.error,
+                          **{f"{k}_s": round(v, 3) for k, v in timings.items()}))
+        return report
+
+    def _current_state(self, job_id: int) -> JobState:
+        try:
+            return self.store.get_job(job_id).state
+        except StoreError:
+            return JobState.FAILED
+
+    def _run(self, job: Job, report: JobReport,
+             hb: _Heartbeat) -> tuple[list[OutputObject], list[NewDelivery]]:
+        from dicomnode.encode import EncodeOptions, encode_results, load_sources
+        from dicomnode.infer import load_volume
+
+        timings = report.timings
+        with _timed(timings, "route"):
+            refs = self.store.series_instances(job.series_uid, job.series_version)
+            if not refs:
+                raise StoreError(f"series {job.series_uid} v{job.series_version}: "
+                                 "no instance files in the store")
+            sref = self.store.series_ref(job.series_uid, job.series_version)
+            decision, header = self.route(refs, sref)
+        report.rule = decision.rule.label if decision.rule else (
+            "embedded default" if not self.table.rules else None)
+        report.models = decision.models
+        outputs: list[OutputObject] = []
+        deliveries: list[NewDelivery] = []
+        if decision.discard:
+            log.info("series discarded by rule", extra=kv(job_id=job.id, rule=report.rule))
+            return outputs, deliveries
+        if not decision.models and not decision.forward:
+            log.info("no routing rule matched: series stored only", extra=kv(
+                job_id=job.id, series_uid=job.series_uid))
+            return outputs, deliveries
+        for dest in decision.forward:
+            for r in refs:
+                deliveries.append(NewDelivery(dest, OutputObject(
+                    r.sop_instance_uid, r.sop_class_uid, r.path, "source")))
+        if not decision.models:
+            return outputs, deliveries
+
+        for name in decision.models:
+            ok, why = self.registry.manifest(name).applies_to(
+                _text(header, "Modality"), _text(header, "BodyPartExamined"),
+                _text(header, "SeriesDescription"), len(refs))
+            if not ok:
+                raise ModelError(f"{name} does not apply to this series: {why}")
+        with _timed(timings, "load"):
+            volume = load_volume([r.path for r in refs])
+        hb.check()
+        sources = None
+        formats, keep_empty = self._formats(decision.send)
+        options = EncodeOptions(series_version=job.series_version, keep_empty_frames=keep_empty)
+        for name in decision.models:
+            with _timed(timings, "model"):
+                result = self.registry.run(name, volume)
+            hb.check()
+            with _timed(timings, "encode"):
+                if sources is None:
+                    sources = load_sources(result)
+                datasets = encode_results(result, sources, formats, options)
+            with _timed(timings, "write"):
+                for ds in datasets:
+                    kind = _kind(ds)
+                    out = self.store.write_output(job.id, str(ds.SOPInstanceUID),
+                                                  str(ds.SOPClassUID), ds, kind=kind)
+                    outputs.append(out)
+                    for target in decision.send:
+                        if kind in target.formats:
+                            deliveries.append(NewDelivery(target.destination, out))
+            hb.check()
+        return outputs, deliveries
+
+    def _formats(self, send: Sequence[SendTarget]) -> tuple[tuple[str, ...], bool]:
+        """One encoding per job and model: the union of what the destinations want.
+
+        Result UIDs are deterministic per (series version, model, kind), so two
+        variants of "the same" SEG must never exist; a destination that takes
+        SEG frames with empty ones gets them, others just receive a few more
+        frames. Without destinations the SEG and SR are still made and stored.
+        """
+        if not send:
+            return ("seg", "sr"), False
+        formats = tuple(dict.fromkeys(f for t in send for f in t.formats))
+        keep = any(self._dests[t.destination].keep_empty_frames for t in send
+                   if t.destination in self._dests)
+        return formats, keep
+
+
+# --------------------------------------------------------------------------- loops
+
+
+class Worker:
+    """Claims and processes jobs until stopped (one per worker process)."""
+
+    def __init__(self, settings: Settings, store: Store, *, worker_id: str | None = None,
+                 pipeline: Pipeline | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.worker_id = worker_id or worker_identity("worker")
+        self.pipeline = pipeline or Pipeline(settings, store)
+
+    def poll_once(self) -> JobReport | None:
+        """Claim and process one due job; ``None`` when none is due."""
+        job = self.store.claim_job(self.worker_id)
+        if job is None:
+            return None
+        log.info("job claimed", extra=kv(job_id=job.id, series_uid=job.series_uid,
+                                         version=job.series_version, attempt=job.attempts,
+                                         worker=self.worker_id))
+        return self.pipeline.process(job, self.worker_id)
+
+    def run(self, stop: threading.Event, *, until_idle: bool = False) -> int:
+        """Loop until ``stop`` is set (or, with ``until_idle``, no job is due); jobs done."""
+        n = 0
+        while not stop.is_set():
+            try:
+                report = self.poll_once()
+            except StoreError as exc:
+                log.warning("claiming a job failed; retrying", extra=kv(error=str(exc)))
+                report = None
+            if report is not None:
+                n += 1
+                continue
+            if until_idle:
+                break
+            stop.wait(self.settings.worker.poll_seconds)
+        return n
+
+
+@dataclass
+class DispatchReport:
+    destination: str
+    sent: int = 0
+    retrying: int = 0
+    failed: int = 0
+    associations: int = 0
+    seconds: float = 0.0
+
+
+class Dispatcher:
+    """Drains the outbox: per destination, one association per claimed batch."""
+
+    def __init__(self, settings: Settings, store: Store, *, worker_id: str | None = None,
+                 batch: int = 64, lease_seconds: float = 300.0) -> None:
+        self.settings = settings
+        self.store = store
+        self.worker_id = worker_id or worker_identity("dispatcher")
+        self.batch = batch
+        self.lease_seconds = lease_seconds
+        self._orphans_checked = 0.0
+
+    def poll_once(self) -> list[DispatchReport]:
+        """Send every due delivery once (batch by batch); the reports of this round."""
+        reports = []
+        for dest in self.settings.destinations:
+            while True:
+                claimed = self.store.claim_deliveries(dest.name, self.worker_id,
+                                                      limit=self.batch,
+                                                      lease_seconds=self.lease_seconds)
+                if not claimed:
+                    break
+                reports.append(self.send(dest, claimed))
+                if len(claimed) < self.batch:
+                    break
+        if time.monotonic() - self._orphans_checked > 30:
+            self._fail_orphans()
+        return reports
+
+    def send(self, dest: DestinationConfig, claimed: Sequence[Delivery]) -> DispatchReport:
+        """C-STORE ``claimed`` to ``dest`` and record each delivery's outcome."""
+        from dicomnode.dispatch import AssociationFailed, store_files
+
+        node = self.settings.node
+        rep = DispatchReport(dest.name)
+        t0 = time.perf_counter()
+        try:
+            result = store_files(dest, [d.path for d in claimed], calling_ae_title=node.ae_title,
+                                 acse_timeout=node.acse_timeout,
+                                 dimse_timeout=node.dimse_timeout,
+                                 network_timeout=node.network_timeout)
+            outcomes, rep.associations = result.outcomes, result.associations
+        except AssociationFailed as exc:
+            outcomes = exc.outcomes
+            rep.associations = 1
+        for d, o in zip(claimed, outcomes, strict=True):
+            if o.ok:
+                self.store.delivery_done(d.id, o.status)
+                rep.sent += 1
+                continue
+            msg = o.message or f"status {o.status_hex}"
+            after = self.store.delivery_failed(d.id, msg, transient=o.transient,
+                                               peer_status=o.status,
+                                               max_attempts=_NO_ATTEMPT_LIMIT)
+            if after.state.value == "failed":
+                rep.failed += 1
+                log.error("delivery failed", extra=kv(
+                    delivery_id=d.id, job_id=d.job_id, destination=dest.name,
+                    sop_instance_uid=d.sop_instance_uid, peer_status=o.status_hex,
+                    error=after.last_error))
+            else:
+                rep.retrying += 1
+        rep.seconds = time.perf_counter() - t0
+        log.log(logging.INFO if not (rep.failed or rep.retrying) else logging.WARNING,
+                "dispatched", extra=kv(destination=dest.name, sent=rep.sent,
+                                       retrying=rep.retrying, failed=rep.failed,
+                                       associations=rep.associations,
+                                       seconds=round(rep.seconds, 3)))
+        return rep
+
+    def _fail_orphans(self) -> None:
+        """Deliveries to a destination no longer configured fail visibly (re-triable)."""
+        self._orphans_checked = time.monotonic()
+        known = {d.name for d in self.settings.destinations}
+        pending = self.store.list_deliveries(states=["pending"], limit=1000)
+        for name in sorted({d.destination for d in pending} - known):
+            for d in self.store.claim_deliveries(name, self.worker_id, limit=1000):
+                self.store.delivery_failed(
+                    d.id, f"destination {name!r} is not configured", transient=False)
+
+    def run(self, stop: threading.Event, *, until_idle: bool = False) -> int:
+        """Loop until ``stop``; returns the number of deliveries sent."""
+        n = 0
+        while not stop.is_set():
+            try:
+                reports = self.poll_once()
+            except StoreError as exc:
+                log.warning("dispatch round failed; retrying", extra=kv(error=str(exc)))
+                reports = []
+            n += sum(r.sent for r in reports)
+            if until_idle and not reports:
+                break
+            if not reports:
+                stop.wait(self.settings.worker.poll_seconds)
+        return n
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def check_settings(settings: Settings) -> None:
+    """Fail fast, in the parent, on what would kill every child: models and routes."""
+    from dicomnode.infer import ModelRegistry
+
+    registry = ModelRegistry(settings.models.path, settings.models.enabled,
+                             settings.models.threads)
+    RoutingTable.from_settings(settings, registry.names())
+
+
+def _child_signals(stop: threading.Event) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+
+def worker_main(settings: Settings, index: int) -> None:
+    """Entry point of a worker process (spawned: starts clean, no inherited threads)."""
+    setup_logging(settings.logging.level, settings.logging.json, settings.logging.file)
+    stop = threading.Event()
+    _child_signals(stop)
+    store = Store.open(settings)
+    try:
+        worker = Worker(settings, store, worker_id=worker_identity("worker", index))
+        log.info("worker process ready", extra=kv(worker=worker.worker_id,
+                                                  models=",".join(worker.pipeline.registry.names())))
+        worker.run(stop)
+    finally:
+        store.close()
+
+
+def dispatcher_main(settings: Settings, index: int) -> None:
+    """Entry point of the dispatcher process."""
+    setup_logging(settings.logging.level, settings.logging.json, settings.logging.file)
+    stop = threading.Event()
+    _child_signals(stop)
+    store = Store.open(settings)
+    try:
+        d = Dispatcher(settings, store, worker_id=worker_identity("dispatcher", index))
+        log.info("dispatcher process ready", extra=kv(
+            worker=d.worker_id, destinations=",".join(x.name for x in settings.destinations)))
+        d.run(stop)
+    finally:
+        store.close()
+
+
+class ChildProcesses:
+    """A :class:`dicomnode.receive.node.Service`: N spawned processes, restarted if one dies.
+
+    A child that dies is restarted after a delay that doubles (up to a minute)
+    while it keeps dying young, so a persistent fault does not spin.
+    """
+
+    def __init__(self, name: str, target: Any, settings: Settings, count: int) -> None:
+        self.name = name
+        self.target = target
+        self.settings = settings
+        self.count = count
+        self._ctx = mp.get_context("spawn")
+        self._procs: list[Any] = []
+        self._started: list[float] = []
+        self._delay: list[float] = []
+        self._stop = threading.Event()
+        self._monitor = threading.Thread(target=self._supervise, name=f"{name}-supervisor",
+                                         daemon=True)
+
+    def _spawn(self, index: int) -> Any:
+        p = self._ctx.Process(target=self.target, args=(self.settings, index + 1),
+                              name=f"dicomnode-{self.name}-{index + 1}", daemon=True)
+        p.start()
+        return p
+
+    def start(self) -> None:
+        self._procs = [self._spawn(i) for i in range(self.count)]
+        self._started = [time.monotonic()] * self.count
+        self._delay = [1.0] * self.count
+        self._monitor.start()
+        log.info("child processes started", extra=kv(
+            service=self.name, pids=[p.pid for p in self._procs]))
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(0.5):
+            for i, p in enumerate(self._procs):
+                if p.is_alive() or self._stop.is_set():
+                    continue
+                lived = time.monotonic() - self._started[i]
+                self._delay[i] = 1.0 if lived > 60 else min(60.0, self._delay[i] * 2)
+                log.error("child process died; restarting", extra=kv(
+                    service=self.name, index=i + 1, exitcode=p.exitcode,
+                    restart_in_s=self._delay[i]))
+                if self._stop.wait(self._delay[i]):
+                    return
+                self._procs[i] = self._spawn(i)
+                self._started[i] = time.monotonic()
+
+    def stop(self, timeout: float) -> None:
+        self._stop.set()
+        if self._monitor.is_alive():
+            self._monitor.join(2)
+        for p in self._procs:
+            if p.is_alive():
+                p.terminate()
+        deadline = time.monotonic() + timeout
+        for p in self._procs:
+            p.join(max(0.1, deadline - time.monotonic()))
+            if p.is_alive():
+                # A model still computing: its job's lease expires and another
+                # worker (or this node after restart) takes it over.
+                p.kill()
+                p.join(2)
+
+    def alive(self) -> bool:
+        return all(p.is_alive() for p in self._procs)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+
+def services(settings: Settings, *, workers: int | None = None,
+             dispatch: bool = True) -> list[ChildProcesses]:
+    """The node's service hook: worker processes and the dispatcher process.
+
+    Checks models and routing rules first, so that a bad configuration stops
+    ``dicomnode serve`` / ``dicomnode worker`` with the error naming the rule.
+    """
+    check_settings(settings)
+    n = settings.worker.processes if workers is None else workers
+    out: list[ChildProcesses] = []
+    if n > 0:
+        out.append(ChildProcesses("worker", worker_main, settings, n))
+    if dispatch:
+        out.append(ChildProcesses("dispatcher", dispatcher_main, settings, 1))
+    return out
+
+
+def run_workers(settings: Settings, *, workers: int | None = None, dispatch: bool = True,
+                once: bool = False) -> int:
+    """``dicomnode worker``: run workers (and the dispatcher) against the database.
+
+    ``once``: in this process, process every due job, then send every due
+    delivery, and return (for cron-style runs and operators).
+    """
+    if once:
+        check_settings(settings)
+        with Store.open(settings) as store:
+            stop = threading.Event()
+            jobs_done = Worker(settings, store).run(stop, until_idle=True)
+            sent = Dispatcher(settings, store).run(stop, until_idle=True) if dispatch else 0
+        print(f"processed {jobs_done} job(s), sent {sent} delivery(ies)")
+        return 0
+    stop = threading.Event()
+
+    def _signal(signum: int, _frame: Any) -> None:
+        log.info("signal received", extra=kv(signal=signal.Signals(signum).name))
+        stop.set()
+
+    old = {sig: signal.signal(sig, _signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    with Store.open(settings):  # the schema must be current before children start
+        pass
+    started = services(settings, workers=workers, dispatch=dispatch)
+    if not started:
+        print("dicomnode worker: nothing to run (0 workers and --no-dispatch)", file=sys.stderr)
+        return 2
+    try:
+        for svc in started:
+            svc.start()
+        while not stop.wait(1.0):
+            pass
+    finally:
+        for svc in reversed(started):
+            svc.stop(10.0)
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    return 0
+
+
+def storage_relative(store: Store, path: Path) -> str:
+    """``path`` relative to the storage root when under it (for display)."""
+    try:
+        return str(Path(path).resolve().relative_to(store.root))
+    except ValueError:
+        return str(path)
