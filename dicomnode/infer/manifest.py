@@ -194,7 +194,8 @@ class Manifest:
         a = self.applicability
         if a.modalities and modality.upper() not in a.modalities:
             return False, f"modality {modality or '(none)'} not in {list(a.modalities)}"
-        if a.body_parts and body_part.upper() not in a.body_parts:
+        # Many MR series carry no BodyPartExamined: only a present, different value excludes.
+        if a.body_parts and body_part and body_part.upper() not in a.body_parts:
             return False, f"body part {body_part or '(none)'} not in {list(a.body_parts)}"
         if a.series_description and not re.search(a.series_description, series_description,
                                                   re.IGNORECASE):

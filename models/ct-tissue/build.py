@@ -4,7 +4,9 @@ Run from the repository root (reproducible: same onnx version -> same bytes)::
 
     .venv/bin/python models/ct-tissue/build.py
 
-then put the printed SHA-256 into ``model.yaml``.
+It writes the graph, puts its SHA-256 into ``model.yaml``, and records the
+model's answer on a synthetic CT phantom in ``sample.npz`` (used by
+``dicomnode models verify``).
 
 The graph takes CT values in HU, shape (N, 1, D, H, W) float32, and returns
 one uint8 tensor (N, 3, D, H, W):
@@ -84,11 +86,23 @@ def build() -> onnx.ModelProto:
 
 
 def main(out: Path | None = None) -> str:
-    out = out or Path(__file__).resolve().parent / "ct_tissue.onnx"
+    here = Path(__file__).resolve().parent
+    out = out or here / "ct_tissue.onnx"
     data = build().SerializeToString(deterministic=True)
     out.write_bytes(data)
     digest = hashlib.sha256(data).hexdigest()
     print(f"{out}: sha256 {digest}")
+    if out.parent == here:
+        sys.path.insert(0, str(here.parents[1]))
+        from dicomnode.infer.manifest import load_manifest
+        from dicomnode.infer.runner import ModelRunner
+        from dicomnode.infer.samples import phantom_ct, update_manifest_sha256, write_sample
+
+        if update_manifest_sha256(here / "model.yaml", out.name, digest):
+            print("model.yaml: sha256 updated")
+        runner = ModelRunner(load_manifest(here / "model.yaml"))
+        expected = write_sample(here / "sample.npz", phantom_ct(), "CT", 2.0, runner.run)
+        print(f"sample.npz: expected volumes (mL) {expected}")
     return digest
 
 
