@@ -17,7 +17,8 @@
 #     wheelhouse (hard links) and app/ (dicomnode/, migrations/, models/).
 #  4. podman build --format docker (keeps HEALTHCHECK) with --pull=never.
 #
-# Environment: IMAGE (default localhost/dicomnode:latest), BASE (a base image to
+# Environment: IMAGE (default localhost/dicomnode:latest), DICOMNODE_BASE_IMAGE (name
+# of the debootstrap base, default localhost/dicomnode-base:bookworm), BASE (a base image to
 # use instead of the debootstrap one, e.g. python:3.11-slim where a registry is
 # reachable), DEBIAN_MIRROR (default: the mirror apt uses), PYTHON (host Python
 # with pip, default .venv/bin/python), CONTAINERS_CONF.
@@ -26,7 +27,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${DICOMNODE_PODMAN_CACHE:-/var/cache/dicomnode-podman}"
 IMAGE="${IMAGE:-localhost/dicomnode:latest}"
-LOCAL_BASE="localhost/dicomnode-base:bookworm"
+LOCAL_BASE="${DICOMNODE_BASE_IMAGE:-localhost/dicomnode-base:bookworm}"
 BASE="${BASE:-$LOCAL_BASE}"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 CONTEXT="$ROOT/docker/.build"
