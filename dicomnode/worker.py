@@ -544,6 +544,34 @@ def check_settings(settings: Settings) -> None:
 def _child_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """A child must not outlive its node: ``kill -9`` of the node kills its workers.
+
+    Otherwise an orphaned worker would keep a job (and send results) that the
+    restarted node's workers cannot see ending. Linux: ``PR_SET_PDEATHSIG``;
+    elsewhere (and as a fallback) a thread watching the parent pid.
+    """
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def worker_main(settings: Settings, index: int) -> None:
