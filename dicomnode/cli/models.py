@@ -4,8 +4,9 @@
 * ``verify [NAME ...]``: SHA-256 of every weights file, load (sessions
   created), and a run on the model's bundled sample compared with the answer
   recorded at release. Exit 1 if any model fails.
-* ``run NAME SERIES_DIR --out DIR``: offline run on a folder of DICOM files;
-  writes the masks as NIfTI and the measurements as JSON (see
+* ``run NAME SERIES_DIR --out DIR [--formats seg,sr,sc]``: offline run on a folder
+  of DICOM files; writes the masks as NIfTI, the measurements as JSON and the
+  DICOM SEG / SR (/ SC) the node would send (see
   :func:`write_outputs`, the single place where results are written).
 """
 
@@ -16,6 +17,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     run.add_argument("name", metavar="NAME")
     run.add_argument("series", metavar="SERIES_DIR", help="folder holding one DICOM series")
     run.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    run.add_argument("--formats", default="seg,sr", metavar="LIST",
+                     help="DICOM result objects to write too: comma list of seg, sr, sc "
+                     "(default: seg,sr; 'none' for NIfTI/JSON only)")
     run.set_defaults(func=_run)
 
 
@@ -130,8 +135,12 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from dicomnode.encode.common import check_formats
     from dicomnode.infer import load_volume
 
+    # Checked before the (possibly long) model run.
+    formats = () if args.formats.strip().lower() == "none" else \
+        check_formats([f.strip() for f in args.formats.split(",") if f.strip()])
     reg = _registry(args, [args.name])
     series = Path(args.series)
     if not series.is_dir():
@@ -146,7 +155,7 @@ def _run(args: argparse.Namespace) -> int:
               "running anyway", file=sys.stderr)
     result = reg.run(args.name, volume)
     result.timings["load"] = load_s
-    written = write_outputs(result, Path(args.out))
+    written = write_outputs(result, Path(args.out), formats=formats)
     for p in written:
         print(p)
     for m in result.measurements:
@@ -196,13 +205,15 @@ def result_summary(result: InferenceResult) -> dict[str, Any]:
     return out
 
 
-def write_outputs(result: InferenceResult, out: Path) -> list[Path]:
+def write_outputs(result: InferenceResult, out: Path,
+                  formats: Sequence[str] = ()) -> list[Path]:
     """Write everything a result produces into ``out``; return the files written.
 
     The single place results are written by ``models run``: NIfTI masks (one
     per label, and ``labels.nii.gz`` where a voxel gets the highest label
     value that covers it), saliency maps for classifications, and
-    ``measurements.json``. DICOM outputs (SEG / SR) are added here too.
+    ``measurements.json``, and the DICOM objects in ``formats`` (SEG / SR / SC,
+    :func:`write_dicom_outputs`).
     """
     from dicomnode.infer.nifti import write_nifti
 
@@ -229,4 +240,32 @@ def write_outputs(result: InferenceResult, out: Path) -> list[Path]:
     tmp.write_text(json.dumps(result_summary(result), indent=2) + "\n", encoding="utf-8")
     tmp.replace(summary)
     written.append(summary)
+    written += write_dicom_outputs(result, out, formats)
+    return written
+
+
+def write_dicom_outputs(result: InferenceResult, out: Path, formats: Sequence[str]) -> list[Path]:
+    """The DICOM objects the node would send (``dicomnode.encode``), as files in ``out``.
+
+    ``seg.dcm``, ``sr.dcm`` and ``sc-NNN.dcm``; source headers are read from
+    the series the volume was loaded from.
+    """
+    from dicomnode.encode import EncodeOptions, encode_results
+
+    if not formats:
+        return []
+    written: list[Path] = []
+    sc_count = 0
+    for ds in encode_results(result, formats=formats, options=EncodeOptions()):
+        modality = str(ds.get("Modality", ""))
+        if modality in ("SEG", "SR"):
+            name = f"{modality.lower()}.dcm"
+        else:
+            sc_count += 1
+            name = f"sc-{sc_count:03d}.dcm"
+        path = out / name
+        tmp = path.with_suffix(".dcm.part")
+        ds.save_as(tmp, enforce_file_format=True)
+        tmp.replace(path)
+        written.append(path)
     return written
