@@ -1,0 +1,4 @@
+"""Reproducible performance runs.
+
+Each ``benchmarks/<name>/`` package runs as ``python -m benchmarks.<name>``.
+"""

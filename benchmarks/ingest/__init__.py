@@ -1,0 +1,1 @@
+"""Benchmark: receiving a CT series (``python -m benchmarks.ingest``)."""
