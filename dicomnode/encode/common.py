@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from dicomnode.config import DestinationConfig
 
 FORMATS = ("seg", "sr", "sc")
+MEASUREMENT_NAMES = ("volume", "mean", "min", "max", "std")
 DEFAULT_CAVEAT = "Not for diagnostic use without review by a qualified physician"
 
 
@@ -162,6 +163,15 @@ def validate_result(result: InferenceResult) -> None:
                 raise EncodeError(
                     f"measurement {m.name!r} refers to label {m.label_value} but the "
                     "result has no segmentation")
+    for m in result.measurements:
+        if m.name not in MEASUREMENT_NAMES:
+            raise EncodeError(
+                f"measurement {m.name!r} is not one of {list(MEASUREMENT_NAMES)}")
+        if not np.isfinite(m.value):
+            raise EncodeError(f"measurement {m.name!r} (label {m.label_value}) is not a "
+                              f"finite number: {m.value}")
+        if not str(m.unit).strip():
+            raise EncodeError(f"measurement {m.name!r} (label {m.label_value}) has no unit")
     for c in result.classifications:
         _check_code(f"class {c.spec.name!r}", c.spec.code)
         if not 0.0 <= float(c.probability) <= 1.0 or not np.isfinite(c.probability):

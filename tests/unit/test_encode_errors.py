@@ -149,6 +149,16 @@ def test_measurement_for_unknown_label(good: InferenceResult) -> None:
         encode_results(bad)
 
 
+@pytest.mark.parametrize("m, message", [
+    (Measurement("volume", float("nan"), "ml", 1), "not a finite number"),
+    (Measurement("median", 1.0, "ml", 1), "'median' is not one of"),  # type: ignore[arg-type]
+    (Measurement("mean", 1.0, "", 1), "has no unit"),
+])
+def test_bad_measurements(good: InferenceResult, m: Measurement, message: str) -> None:
+    with pytest.raises(EncodeError, match=message):
+        encode_results(dataclasses.replace(good, measurements=(m,)), formats=("sr",))
+
+
 def test_probability_out_of_range(good: InferenceResult) -> None:
     bad = dataclasses.replace(good, classifications=(ClassificationOutput(HEMORRHAGE, 1.5),))
     with pytest.raises(EncodeError, match=r"probability 1.5 is not in \[0, 1\]"):
