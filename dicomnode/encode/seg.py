@@ -76,7 +76,8 @@ def _label_map(masks: np.ndarray) -> np.ndarray | None:
     """uint8/uint16 label map (k, rows, cols), or None if labels overlap.
 
     Built without copying any mask: ``np.copyto(where=)`` writes the label
-    number into one output array, and a running count detects overlaps.
+    number into one output array; before each label is written, a slice-wise
+    check against what is already there detects overlaps.
     """
     n = masks.shape[0]
     dtype = np.uint8 if n < 255 else np.uint16
@@ -85,7 +86,6 @@ def _label_map(masks: np.ndarray) -> np.ndarray | None:
         np.copyto(out, 1, where=masks[0])
         return out
     for i in range(n):
-        # Overlap check on the slices the label touches only; any() short-circuits per chunk.
         if i > 0 and _overlaps(out, masks[i]):
             return None
         np.copyto(out, i + 1, where=masks[i])
@@ -93,6 +93,7 @@ def _label_map(masks: np.ndarray) -> np.ndarray | None:
 
 
 def _overlaps(label_map: np.ndarray, mask: np.ndarray) -> bool:
+    """Does ``mask`` touch a voxel already labelled? Slice by slice, skipping empty ones."""
     for k in range(mask.shape[0]):  # per slice: small temporaries only
         m = mask[k]
         if m.any() and np.logical_and(label_map[k], m).any():
