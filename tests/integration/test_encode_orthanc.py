@@ -1,4 +1,4 @@
-"""SEG and SR sent to a real PACS (Orthanc) by C-STORE land in the source study."""
+"""SEG, SR and SC sent to a real PACS (Orthanc) by C-STORE land in the source study."""
 
 from __future__ import annotations
 
@@ -31,32 +31,39 @@ def _send(datasets: list[pydicom.Dataset], port: int, aet: str) -> list[int]:
         assoc.release()
 
 
-def test_seg_and_sr_stored_in_the_source_study(tmp_path: Path) -> None:
+def test_seg_sr_and_sc_stored_in_the_source_study(tmp_path: Path) -> None:
     paths = write_series(phantom((10, 32, 36), "CT"), tmp_path / "ct",
                          orientation=oblique(15.0), spacing=(2.0, 0.8, 0.8))
     result = seg_result(volume_from_paths(paths))
-    objects = encode_results(result, formats=("seg", "sr"), options=EncodeOptions())
+    objects = encode_results(result, formats=("seg", "sr", "sc"),
+                             options=EncodeOptions(sc_max_images=2))
+    assert [str(d.Modality) for d in objects] == ["SEG", "SR", "OT", "OT"]
     with orthanc_running(workdir=tmp_path / "orthanc") as orthanc:
         for p in paths:
             orthanc.upload(p)
-        assert _send(objects, orthanc.dicom_port, orthanc.aet) == [0x0000, 0x0000]
+        assert _send(objects, orthanc.dicom_port, orthanc.aet) == [0x0000] * 4
         # Re-sending the same result replaces, it does not duplicate.
-        again = encode_results(result, formats=("seg", "sr"))
-        assert _send(again, orthanc.dicom_port, orthanc.aet) == [0x0000, 0x0000]
+        again = encode_results(result, formats=("seg", "sr", "sc"),
+                               options=EncodeOptions(sc_max_images=2))
+        assert _send(again, orthanc.dicom_port, orthanc.aet) == [0x0000] * 4
 
         found = orthanc.post("/tools/lookup", result.volume.study_uid.encode())
         studies = [f for f in found if f["Type"] == "Study"]
         assert len(studies) == 1, found
         series = orthanc.get(f"/studies/{studies[0]['ID']}/series")
         by_modality = {s["MainDicomTags"]["Modality"]: s for s in series}
-        assert set(by_modality) == {"CT", "SEG", "SR"}
+        assert set(by_modality) == {"CT", "SEG", "SR", "OT"}
         assert len(by_modality["CT"]["Instances"]) == 10
+        assert len(by_modality["OT"]["Instances"]) == 2
         for ds in objects:
             s = by_modality[str(ds.Modality)]
             assert s["MainDicomTags"]["SeriesInstanceUID"] == ds.SeriesInstanceUID
-            assert len(s["Instances"]) == 1
+            sop_uids = set()
+            for inst in s["Instances"]:
+                tags = orthanc.get(f"/instances/{inst}/simplified-tags")
+                sop_uids.add(tags["SOPInstanceUID"])
+            assert ds.SOPInstanceUID in sop_uids
             tags = orthanc.get(f"/instances/{s['Instances'][0]}/simplified-tags")
-            assert tags["SOPInstanceUID"] == ds.SOPInstanceUID
             assert tags["StudyInstanceUID"] == result.volume.study_uid
             assert tags["PatientID"] == "DN-TEST-001"
             assert tags["SeriesDescription"] == str(ds.SeriesDescription)
