@@ -58,6 +58,7 @@ def test_seg_sr_and_sc_stored_in_the_source_study(tmp_path: Path) -> None:
         for ds in objects:
             s = by_modality[str(ds.Modality)]
             assert s["MainDicomTags"]["SeriesInstanceUID"] == ds.SeriesInstanceUID
+            assert len(s["Instances"]) == (2 if ds.Modality == "OT" else 1)
             sop_uids = set()
             for inst in s["Instances"]:
                 tags = orthanc.get(f"/instances/{inst}/simplified-tags")
