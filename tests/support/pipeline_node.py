@@ -55,11 +55,23 @@ class PipelineNode(NodeProcess):
         return res
 
     def jobs(self) -> list[dict[str, Any]]:
-        return list(json.loads(self.cli("jobs", "list", "--json", "--limit", "1000").stdout))
+        """Jobs as ``dicomnode jobs list --json`` prints them (read in-process: faster)."""
+        from dicomnode.cli.jobs import job_dict
+        from dicomnode.store import Store
+
+        with Store.open(self.settings) as store:
+            return [job_dict(j) for j in store.list_jobs(limit=1000)]
 
     def deliveries(self) -> list[dict[str, Any]]:
-        return list(json.loads(self.cli("deliveries", "list", "--json", "--limit",
-                                        "1000").stdout))
+        """Deliveries as ``dicomnode deliveries list --json`` prints them."""
+        from dicomnode.cli.jobs import delivery_dict
+        from dicomnode.store import Store
+
+        with Store.open(self.settings) as store:
+            return [delivery_dict(d) for d in store.list_deliveries(limit=1000)]
+
+    def cli_json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json").stdout)
 
 
 def pipeline_config(workdir: Path, port: int, *, orthanc: Orthanc | None = None,
