@@ -72,6 +72,19 @@ class EncodeOptions:
     language: str = "en-US"
     compute_measurements: bool = True
 
+    def __post_init__(self) -> None:
+        if self.segmentation_type not in ("binary", "fractional"):
+            raise EncodeError(f"segmentation_type: {self.segmentation_type!r} is not "
+                              "'binary' or 'fractional'")
+        if self.sc_max_images < 1:
+            raise EncodeError("sc_max_images: must be at least 1")
+        if self.series_version < 1:
+            raise EncodeError("series_version: must be at least 1")
+        if not 0 <= self.series_number_base < 2**31 - 1000:
+            raise EncodeError("series_number_base: must be between 0 and 2^31 - 1000")
+        if not self.manufacturer.strip() or not self.device_name.strip():
+            raise EncodeError("manufacturer and device_name must not be empty")
+
     @classmethod
     def for_destination(cls, destination: DestinationConfig, **kwargs: object) -> EncodeOptions:
         """Options for one configured destination (its ``keep_empty_frames``)."""
