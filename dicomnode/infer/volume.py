@@ -254,6 +254,29 @@ def _sort_and_check(frames: list[_Frame], orientation: np.ndarray, min_slices: i
     return float((dist[-1] - dist[0]) / (len(frames) - 1))
 
 
+_NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+
+
+def _pixels(path: Path, ds: Dataset, n_frames: int) -> np.ndarray:
+    """Stored pixel values (frames, rows, cols) in their integer type, decoded once."""
+    ts = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", ""))
+    bits = int(ds.get("BitsAllocated", 16))
+    try:
+        if (ts in _NATIVE_LE and "PixelData" in ds and bits in (8, 16)
+                and int(ds.get("BitsStored", bits)) == bits):
+            # Uncompressed little endian with no unused high bits: the bytes are the array.
+            dtype = np.dtype(f"{'i' if int(ds.PixelRepresentation) else 'u'}{bits // 8}")
+            rows, cols = int(ds.Rows), int(ds.Columns)
+            count = n_frames * rows * cols
+            return np.frombuffer(ds.PixelData, dtype=dtype, count=count).reshape(
+                n_frames, rows, cols)
+        pixels = ds.pixel_array
+    except Exception as exc:  # decoders raise many types (missing plug-in, corrupt data...)
+        raise VolumeError(f"{path.name}: pixel data cannot be decoded (transfer syntax {ts}: "
+                          f"{exc})") from exc
+    return pixels[None] if pixels.ndim == 2 else pixels
+
+
 def load_volume(
     paths: Path | str | Iterable[Path | str],
     *,
@@ -283,9 +306,13 @@ def load_volume(
     files = _files(paths)
     frames: list[_Frame] = []
     series_uid = study_uid = for_uid = modality = None
+    # One read per file: header and pixels. The decoded pixels are kept in their
+    # stored integer type (half the size of float32 for 16-bit data) until the
+    # sort order is known, then written once into the float32 volume.
+    raw: dict[Path, np.ndarray] = {}
     for path in files:
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=False, defer_size=1024)
+            ds = pydicom.dcmread(path)
         except Exception as exc:  # pydicom raises many types for unreadable input
             raise VolumeError(f"{path.name}: not a readable DICOM file ({exc})") from exc
         s_uid = str(ds.get("SeriesInstanceUID", ""))
@@ -298,39 +325,29 @@ def load_volume(
             )
         elif str(ds.get("FrameOfReferenceUID", "")) != for_uid:
             raise VolumeError(f"{path.name}: different Frame of Reference UID within the series")
-        frames.extend(_header_frames(path, ds))
-        del ds  # the (deferred) pixel data is read again below, per frame
+        file_frames = _header_frames(path, ds)
+        frames.extend(file_frames)
+        raw[path] = _pixels(path, ds, len(file_frames))
+        del ds
     orientation = _check_same(frames)
     slice_spacing = _sort_and_check(frames, orientation, min_slices)
 
     ref = frames[0]
     volume = np.empty((len(frames), ref.rows, ref.columns), dtype=np.float32)
-    # Decode file by file, placing each frame at its sorted position, so that
-    # no more than one file's pixels are held besides the output array.
-    slot: dict[tuple[Path, int], int] = {(f.path, f.index): k for k, f in enumerate(frames)}
-    by_path: dict[Path, list[_Frame]] = {}
+    remaining: dict[Path, int] = {}
     for f in frames:
-        by_path.setdefault(f.path, []).append(f)
-    for path, fs in by_path.items():
-        try:
-            ds = pydicom.dcmread(path)
-            pixels = ds.pixel_array
-        except Exception as exc:
-            raise VolumeError(f"{path.name}: pixel data cannot be decoded ({exc})") from exc
-        ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
-        del ds
-        if pixels.ndim == 2:
-            pixels = pixels[None]
+        remaining[f.path] = remaining.get(f.path, 0) + 1
+    for k, f in enumerate(frames):
+        pixels = raw[f.path]
         if pixels.shape[1:] != (ref.rows, ref.columns):
-            raise VolumeError(
-                f"{path.name}: decoded pixels {pixels.shape} do not match Rows/Columns"
-                f" (transfer syntax {ts})"
-            )
-        for f in fs:
-            out = volume[slot[(f.path, f.index)]]
-            np.multiply(pixels[f.index], f.slope, out=out, casting="unsafe")
-            out += np.float32(f.intercept)
-        del pixels
+            raise VolumeError(f"{f.label}: decoded pixels {pixels.shape[1:]} do not match "
+                              f"Rows/Columns {ref.rows}x{ref.columns}")
+        out = volume[k]
+        np.multiply(pixels[f.index], np.float32(f.slope), out=out, casting="unsafe")
+        out += np.float32(f.intercept)
+        remaining[f.path] -= 1
+        if not remaining[f.path]:
+            del raw[f.path]  # release each file's pixels as soon as they are placed
 
     row_dir = orientation[:3] / np.linalg.norm(orientation[:3])
     col_dir = orientation[3:] / np.linalg.norm(orientation[3:])
