@@ -307,6 +307,32 @@ def _send_one(assoc: Association, it: _Item, accepted: dict[UID, list[UID]]) -> 
                        message=f"peer returned {text}", **base)  # type: ignore[arg-type]
 
 
+def guard_reactor_race(assoc: Association) -> None:
+    """Hand back DIMSE responses that pynetdicom's reactor thread takes by mistake.
+
+    pynetdicom 3.0 pauses its reactor around ``send_c_store`` with an event and
+    an ``_is_paused`` flag, but after one C-STORE the flag still reads "paused"
+    until the reactor thread runs again. A fast peer's next C-STORE-RSP can then
+    be dequeued by the waking reactor, which logs "Received unexpected C-STORE
+    service message" and drops it; ``send_c_store`` waits the whole DIMSE
+    timeout and aborts the association. Seen here about once in 1000 C-STOREs
+    to DCMTK storescp on a busy 2-core machine. The reactor only ever serves
+    *requests* on our (requestor) side, so a response reaching it is put back on
+    the queue that ``send_c_store`` is blocked on.
+    """
+    serve = assoc._serve_request
+
+    def _serve(msg: Any, context_id: int) -> None:
+        if not msg.is_valid_request and msg.is_valid_response:
+            log.debug("returning a DIMSE response taken by the pynetdicom reactor",
+                      extra=kv(msg_type=msg.msg_type, context_id=context_id))
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        serve(msg, context_id)
+
+    assoc._serve_request = _serve  # type: ignore[method-assign]
+
+
 def _reject_text(primitive: Any) -> str:
     try:
         return (f"{primitive.result_str}, source: {primitive.source_str}, "
@@ -407,6 +433,7 @@ def store_files(
             log.warning("dispatch association failed", extra=kv(
                 destination=destination.name, peer=peer, reason=why, files=len(files)))
             raise AssociationFailed(why, ordered())
+        guard_reactor_race(assoc)
         try:
             # Small PDUs (C-STORE responses, short datasets) must not wait
             # for Nagle's algorithm.

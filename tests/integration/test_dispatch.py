@@ -263,3 +263,35 @@ def test_peer_refusing_every_context_is_permanent_per_file(
     (out,) = result.outcomes
     assert out.state is OutcomeState.FAILED and not out.transient
     assert "accepted no presentation context" in out.message and "RLE Lossless" in out.message
+
+
+def test_guard_hands_stolen_responses_back(ct_series: list[Path]) -> None:
+    """A C-STORE-RSP dequeued by pynetdicom's reactor goes back to the DIMSE queue.
+
+    (The race itself needs a loaded machine to show; here the reactor's hand-off
+    is driven directly on a live association.)
+    """
+    from pynetdicom import AE
+    from pynetdicom.dimse_primitives import C_STORE
+
+
+    scp = ScriptedSCP()
+    with scp.running():
+        ae = AE(ae_title="GUARD")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title=scp.ae_title)
+        assert assoc.is_established
+        try:
+            guard_reactor_race(assoc)
+            rsp = C_STORE()
+            rsp.MessageIDBeingRespondedTo = 1
+            rsp.AffectedSOPClassUID = CTImageStorage
+            rsp.AffectedSOPInstanceUID = "1.2.3"
+            rsp.Status = 0x0000
+            assert rsp.is_valid_response and not rsp.is_valid_request
+            assoc._serve_request(rsp, 1)  # what the reactor does with a stolen message
+            assert assoc.dimse.get_msg(block=False) == (1, rsp)
+            # The association still works afterwards.
+            assert assoc.send_c_store(ct_series[0]).Status == 0
+        finally:
+            assoc.release()
