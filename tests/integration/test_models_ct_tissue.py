@@ -13,7 +13,8 @@ import pytest
 from scipy import ndimage
 
 from dicomnode.domain import InferenceResult
-from dicomnode.infer import ModelRegistry, load_volume
+from dicomnode.infer import ModelRegistry, load_manifest, load_volume
+from dicomnode.infer.manifest import sha256_file
 from dicomnode.infer.registry import SHIPPED_MODELS_DIR
 from tests.support.infer_data import SeriesFixture, cranium_bone_threshold
 
@@ -81,8 +82,10 @@ def test_agrees_with_scipy_reference(ct_result: InferenceResult,
 
 def test_measurements_and_identity(ct_result: InferenceResult, cranium_ct: SeriesFixture) -> None:
     assert ct_result.model.family == "rule-based"
-    assert ct_result.model.weights_sha256 == (
-        "a266be801713a15994c1a05edaa6185857e6301c73478ffb7662aee901119dc7",)
+    manifest = load_manifest(SHIPPED_MODELS_DIR / "ct-tissue")
+    assert ct_result.model.weights_sha256 == (manifest.weights[0].sha256,)
+    assert ct_result.model.weights_sha256[0] == sha256_file(
+        SHIPPED_MODELS_DIR / "ct-tissue" / "ct_tissue.onnx")
     voxel_ml = float(np.prod(cranium_ct.spacing)) / 1000
     m = {(x.name, x.label_value): x for x in ct_result.measurements}
     assert m[("volume", 2)].value == pytest.approx(475759 * voxel_ml)
