@@ -13,8 +13,8 @@ one uint8 tensor (N, 3, D, H, W):
 
 * channel 0, body candidate: ``HU > -500`` after a morphological opening
   (removes thin blankets / cables) and closing (bridges skin folds), both
-  3x3x3, written as max-pooling (dilation) and ``1 - maxpool(1 - x)``
-  (erosion) on uint8. The node then keeps the largest component and fills holes
+  3x3x3, written as max-pooling (dilation) and max-pooling of the negated
+  image (erosion). The node then keeps the largest component and fills holes
   slice by slice (manifest ``postprocess``).
 * channel 1, bone: ``HU >= 226``, the bone threshold of InVesalius (and a
   common CT bone window); no morphology, so it is exactly the threshold mask.
@@ -38,36 +38,38 @@ OPSET = 17
 
 
 def build() -> onnx.ModelProto:
-    def const(name: str, value: float, dtype: int = TensorProto.FLOAT) -> onnx.NodeProto:
+    def const(name: str, value: float) -> onnx.NodeProto:
         return helper.make_node("Constant", [], [name], value=helper.make_tensor(
-            name + "_v", dtype, [], [value]))
+            name + "_v", TensorProto.FLOAT, [], [value]))
 
     def pool(x: str, y: str) -> onnx.NodeProto:  # 3x3x3 dilation of a 0/1 image
         return helper.make_node("MaxPool", [x], [y], kernel_shape=[3, 3, 3], pads=[1] * 6,
                                 strides=[1, 1, 1])
 
-    def erode(x: str, y: str) -> list[onnx.NodeProto]:  # 1 - dilate(1 - x)
-        return [helper.make_node("Sub", ["one", x], [y + "_inv"]), pool(y + "_inv", y + "_dil"),
-                helper.make_node("Sub", ["one", y + "_dil"], [y])]
-
-    # Morphology runs on uint8 0/1 images (MaxPool supports uint8): a quarter of
-    # the memory traffic of float32 for the same result.
+    # Morphology runs on float32 0/1 images: onnxruntime's float MaxPool is
+    # vectorised, its uint8 MaxPool measured 5x slower on this graph.
     nodes = [
         const("body_thr", BODY_HU), const("bone_thr", BONE_HU), const("air_thr", AIR_HU),
-        const("one", 1, TensorProto.UINT8),
+        # body candidate as float 0/1
         helper.make_node("Greater", ["hu", "body_thr"], ["body_b"]),
-        helper.make_node("Cast", ["body_b"], ["body_u8"], to=TensorProto.UINT8),
-        # opening = dilate(erode(x)); closing = erode(dilate(x))
-        *erode("body_u8", "eroded"),
+        helper.make_node("Cast", ["body_b"], ["body_f"], to=TensorProto.FLOAT),
+        # opening = dilate(erode(x)); erode(x) = -dilate(-x)
+        helper.make_node("Neg", ["body_f"], ["n1"]),
+        pool("n1", "n2"),
+        helper.make_node("Neg", ["n2"], ["eroded"]),
         pool("eroded", "opened"),
+        # closing = erode(dilate(x))
         pool("opened", "dilated"),
-        *erode("dilated", "closed"),
+        helper.make_node("Neg", ["dilated"], ["n3"]),
+        pool("n3", "n4"),
+        helper.make_node("Neg", ["n4"], ["closed"]),
+        helper.make_node("Cast", ["closed"], ["body_u8"], to=TensorProto.UINT8),
         # bone and air: plain thresholds
         helper.make_node("GreaterOrEqual", ["hu", "bone_thr"], ["bone_b"]),
         helper.make_node("Cast", ["bone_b"], ["bone_u8"], to=TensorProto.UINT8),
         helper.make_node("Less", ["hu", "air_thr"], ["air_b"]),
         helper.make_node("Cast", ["air_b"], ["air_u8"], to=TensorProto.UINT8),
-        helper.make_node("Concat", ["closed", "bone_u8", "air_u8"], ["masks"], axis=1),
+        helper.make_node("Concat", ["body_u8", "bone_u8", "air_u8"], ["masks"], axis=1),
     ]
     dims = ["N", 1, "D", "H", "W"]
     graph = helper.make_graph(
