@@ -69,13 +69,26 @@ def fill_holes(mask: np.ndarray, mode: str) -> np.ndarray:
     box = bbox(mask)
     if box is None or mode == "none":
         return mask
-    sub = mask[box]
-    if mode == "3d":
-        sub[...] = ndimage.binary_fill_holes(sub)
+    # One labelling of the background (within the box grown by one voxel, so
+    # the outside is one connected frame): every background component not
+    # touching the frame is a hole. For "2d" the structure connects voxels
+    # only within a slice, which labels all slices in one call.
+    sub = np.pad(mask[box], 1, constant_values=False)
+    if mode == "2d":
+        sub[0] = sub[-1] = True  # the padding slices are not part of any slice's outside
+        structure = np.zeros((3, 3, 3), bool)
+        structure[1] = ndimage.generate_binary_structure(2, 1)
     else:
-        for k in range(sub.shape[0]):
-            if sub[k].any():
-                sub[k] = ndimage.binary_fill_holes(sub[k])
+        structure = ndimage.generate_binary_structure(3, 1)
+    labels, n = ndimage.label(~sub, structure=structure)
+    if n:
+        border = np.zeros(n + 1, bool)
+        for face in (labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1],
+                     labels[0], labels[-1]):
+            border[np.unique(face)] = True
+        border[0] = True  # label 0 is the foreground itself
+        sub |= ~border[labels]
+    mask[box] = sub[1:-1, 1:-1, 1:-1]
     return mask
 
 
