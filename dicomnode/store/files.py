@@ -87,9 +87,10 @@ def ensure_dir(path: Path, *, fsync: bool = True) -> None:
         _known_dirs.add(key)
 
 
-def atomic_write(path: Path, chunks: bytes | list[bytes] | tuple[bytes, ...], *,
-                 fsync: bool = True) -> int:
-    """Write ``chunks`` to ``path`` atomically and durably; return the size written.
+def write_temp(path: Path, chunks: bytes | list[bytes] | tuple[bytes, ...], *,
+               fsync: bool = True) -> tuple[Path, int]:
+    """First half of :func:`atomic_write`: write ``chunks`` to a temporary file beside
+    ``path`` (not yet fsynced); return ``(temporary path, size)``.
 
     The temporary file is ``<path>.<pid>.<thread>.tmp`` in the same folder, so
     that concurrent writers of the same instance never share one and start-up
@@ -109,19 +110,37 @@ def atomic_write(path: Path, chunks: bytes | list[bytes] | tuple[bytes, ...], *,
                 n = os.write(fd, view)
                 view = view[n:]
                 size += n
-        if fsync:
-            os.fsync(fd)
     except BaseException:
         os.close(fd)
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        remove_quietly(tmp)
         raise
     os.close(fd)
-    os.replace(tmp, path)
+    return tmp, size
+
+
+def commit_temp(tmp: Path, path: Path, *, fsync: bool = True) -> None:
+    """Second half of :func:`atomic_write`: fsync the temporary file, rename it over
+    ``path`` and fsync the folder so that the new entry survives a power loss."""
+    try:
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
     if fsync:
-        _fsync_dir(path.parent)
+        _fsync_dir(Path(path).parent)
+
+
+def atomic_write(path: Path, chunks: bytes | list[bytes] | tuple[bytes, ...], *,
+                 fsync: bool = True) -> int:
+    """Write ``chunks`` to ``path`` atomically and durably; return the size written."""
+    tmp, size = write_temp(Path(path), chunks, fsync=fsync)
+    commit_temp(tmp, Path(path), fsync=fsync)
     return size
 
 

@@ -48,6 +48,16 @@ def row_to_delivery(r: Any, root: Path) -> Delivery:
 
 def add(conn: Connection, *, job_id: int, destination: str, sop_instance_uid: str,
         sop_class_uid: str, relpath: str, deadline: datetime | None, now: datetime) -> None:
+    # A job re-run by command queues the same (job, destination, object) again:
+    # the existing row goes back to pending (sent again), it is not duplicated.
+    res = conn.execute(update(deliveries).where(
+        deliveries.c.job_id == job_id, deliveries.c.destination == destination,
+        deliveries.c.sop_instance_uid == sop_instance_uid).values(
+        sop_class_uid=sop_class_uid, path=relpath, state=DeliveryState.PENDING.value,
+        attempts=0, not_before=None, lease_until=None, last_error=None, peer_status=None,
+        deadline=deadline, updated_at=now))
+    if res.rowcount:
+        return
     conn.execute(deliveries.insert().values(
         job_id=job_id, destination=destination, sop_instance_uid=sop_instance_uid,
         sop_class_uid=sop_class_uid, path=relpath, state=DeliveryState.PENDING.value,

@@ -149,6 +149,10 @@ def record_outputs(conn: Connection, job_id: int, objs: Iterable[OutputObject], 
             rel = p.resolve().relative_to(root.resolve()) if p.is_absolute() else p
         except ValueError:
             raise StoreError(f"output {o.path}: not under the storage path {root}") from None
+        # A job re-run by command (``jobs retry`` of a done job) produces the same
+        # deterministic UIDs again: the row is replaced, not duplicated.
+        conn.execute(outputs.delete().where(outputs.c.job_id == job_id,
+                                            outputs.c.sop_instance_uid == o.sop_instance_uid))
         conn.execute(outputs.insert().values(
             job_id=job_id, sop_instance_uid=o.sop_instance_uid, sop_class_uid=o.sop_class_uid,
             kind=o.kind, path=str(rel), created_at=now))

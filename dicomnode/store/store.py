@@ -8,11 +8,13 @@ unique-constraint races) and returns frozen :mod:`dicomnode.domain` objects.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from io import BytesIO
@@ -122,6 +124,9 @@ class Store:
         self._clock = clock
         self._ids = series_mod.IdCache()
         self._fsync = settings.storage.fsync
+        # Threads for file durability (fsync releases the GIL), see ingest().
+        self._io = ThreadPoolExecutor(max_workers=max(4, settings.node.max_associations),
+                                      thread_name_prefix="store-io")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -151,6 +156,7 @@ class Store:
         return store
 
     def close(self) -> None:
+        self._io.shutdown(wait=True)
         self.engine.dispose()
 
     def __enter__(self) -> Store:
@@ -213,9 +219,30 @@ class Store:
             if existing is not None and not existing[1]:
                 return IngestResult(IngestOutcome.KEPT, self._ref(meta, existing[0]),
                                     existing[2])
-        size = files.atomic_write(self.root / rel, data if isinstance(data, bytes)
-                                  else list(data), fsync=self._fsync)
-        return self._record(meta, str(rel), size)
+        path = self.root / rel
+        tmp, size = files.write_temp(path, data if isinstance(data, bytes) else list(data),
+                                     fsync=self._fsync)
+        # Making the file durable (fsync, rename, folder fsync) and committing its
+        # row are independent; doing them at once hides the commit behind the
+        # fsync. Success is returned only when both are done. A crash in between
+        # leaves a file without a row or a row without a file: reconcile() at the
+        # next start indexes the one and flags the other, and the sender, never
+        # acknowledged, sends the instance again.
+        durable = self._io.submit(files.commit_temp, tmp, path, fsync=self._fsync)
+        try:
+            result = self._record(meta, str(rel), size)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                durable.result()
+            raise
+        try:
+            durable.result()
+        except OSError:
+            self._tx(lambda c: c.execute(update(instances).where(
+                instances.c.sop_instance_uid == meta.sop_instance_uid,
+                instances.c.path == str(rel)).values(file_missing=True)))
+            raise
+        return result
 
     def _existing(self, sop_uid: str) -> tuple[str, bool, int] | None:
         def q(conn: Connection) -> tuple[str, bool, int] | None:

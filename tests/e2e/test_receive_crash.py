@@ -33,7 +33,8 @@ def test_kill9_mid_series_loses_nothing_acknowledged(tmp_path: Path) -> None:
     results: list[tuple[Path, int | None]] = []
 
     def sender() -> None:
-        results.extend(store_files(node.port, files))
+        # A short DIMSE timeout: the C-STORE in flight when the node dies gets no answer.
+        results.extend(store_files(node.port, files, timeout=5))
 
     t = threading.Thread(target=sender)
     t.start()

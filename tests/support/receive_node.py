@@ -166,7 +166,7 @@ def try_associate(port: int, called_aet: str, calling_aet: str) -> AssocResult:
 
 def store_files(port: int, paths: Sequence[Path], *, called_aet: str = "DICOMNODE",
                 calling_aet: str = "TESTSCU", stop_after: int | None = None,
-                ) -> list[tuple[Path, int | None]]:
+                timeout: float = 30.0) -> list[tuple[Path, int | None]]:
     """C-STORE files as they are (no transcoding), one association; ``(path, status)``.
 
     The status is ``None`` when no response came (association lost).
@@ -174,7 +174,7 @@ def store_files(port: int, paths: Sequence[Path], *, called_aet: str = "DICOMNOD
     from pydicom.filereader import read_file_meta_info
 
     ae = AE(ae_title=calling_aet)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     pairs: set[tuple[str, str]] = set()
     for p in paths:
         m = read_file_meta_info(p)
