@@ -21,6 +21,22 @@ from tests.support.peers import Orthanc
 def pipeline_settings(tmp: Path, *, routes: Sequence[dict[str, Any]] = (),
                       destinations: Sequence[dict[str, Any]] = (),
                       **sections: dict[str, Any]) -> Settings:
+    data = pipeline_config(tmp, routes=routes, destinations=destinations, **sections)
+    return load_settings(None, environ={}, overrides=data)
+
+
+def write_config(tmp: Path, **kwargs: Any) -> Path:
+    """The same configuration as :func:`pipeline_settings`, as ``tmp/node.yaml`` for the CLI."""
+    import yaml
+
+    path = tmp / "node.yaml"
+    path.write_text(yaml.safe_dump(pipeline_config(tmp, **kwargs)))
+    return path
+
+
+def pipeline_config(tmp: Path, *, routes: Sequence[dict[str, Any]] = (),
+                    destinations: Sequence[dict[str, Any]] = (),
+                    **sections: dict[str, Any]) -> dict[str, Any]:
     data: dict[str, Any] = {
         "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1"},
         "storage": {"path": str(tmp / "storage"), "min_free_mb": 0, "fsync": False},
@@ -32,7 +48,7 @@ def pipeline_settings(tmp: Path, *, routes: Sequence[dict[str, Any]] = (),
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
-    return load_settings(None, environ={}, overrides=data)
+    return data
 
 
 def destination(name: str, port: int, aet: str, **extra: Any) -> dict[str, Any]:
