@@ -197,10 +197,14 @@ class ModelRunner:
             out = _softmax(out.astype(np.float32))
         elif o.activation == "sigmoid":
             out = _sigmoid(out.astype(np.float32))
-        maps = out[0, [lab.channel for lab in o.labels]]
-        if maps.dtype == np.bool_ or np.issubdtype(maps.dtype, np.integer):
-            return maps.astype(bool), True
-        return maps.astype(np.float32, copy=False), False
+        channels = [out[0, lab.channel] for lab in o.labels]  # views, no copy
+        if out.dtype == np.bool_ or np.issubdtype(out.dtype, np.integer):
+            return np.stack([c.astype(bool, copy=False) for c in channels]), True
+        if self.manifest.input.spacing is None:
+            # Threshold on the network grid straight from the output (a bool
+            # copy, a quarter of the float maps): masks are resized back nearest.
+            return np.stack([c > o.threshold for c in channels]), True
+        return np.stack(channels).astype(np.float32, copy=False), False
 
     def _segmentation(self, volume: Volume, out: np.ndarray, ctx: dict[str, object],
                       timings: dict[str, float]) -> InferenceResult:
@@ -209,12 +213,10 @@ class ModelRunner:
         maps, binary = self._label_maps(out)
         if binary:
             masks = self._to_source(maps, ctx, order=0)
-        elif m.input.spacing is not None:
-            # Probabilities are interpolated back, then thresholded: smoother than
-            # thresholding on the coarse grid.
-            masks = self._to_source(maps, ctx, order=1) > o.threshold
         else:
-            masks = self._to_source(maps > o.threshold, ctx, order=0)
+            # Resampled models: probabilities are interpolated back, then
+            # thresholded (smoother than thresholding on the coarse grid).
+            masks = self._to_source(maps, ctx, order=1) > o.threshold
         del maps, out
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         index = {lab.spec.name: i for i, lab in enumerate(o.labels)}
