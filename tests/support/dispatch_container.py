@@ -108,10 +108,13 @@ def node_container(
     env: dict[str, str] | None = None,
     config: Path | None = None,
     start_timeout: float = 120,
+    echo_aet: str = "TESTSCU",
 ) -> Iterator[ContainerNode]:
     """Run the image with ``/data`` on ``data_dir``; yield once it answers C-ECHO.
 
-    ``env`` adds ``DICOMNODE_...`` overrides; ``config`` mounts a node.yaml.
+    ``env`` adds ``DICOMNODE_...`` overrides; ``config`` mounts a node.yaml;
+    ``echo_aet`` is the calling AE title of the readiness C-ECHO (it must pass
+    the configuration's allow list).
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chown(data_dir, IMAGE_UID, IMAGE_UID)
@@ -131,7 +134,7 @@ def node_container(
     node = ContainerNode(name, port, "DICOMNODE", data_dir)
     try:
         deadline = time.monotonic() + start_timeout
-        while c_echo(port) != 0:
+        while c_echo(port, calling_aet=echo_aet) != 0:
             state = podman("inspect", "-f", "{{.State.Status}}", name, check=False).stdout.strip()
             if state not in ("running", "created", "configured"):
                 raise RuntimeError(f"container {name} is {state}:\n{node.logs()[-4000:]}")
