@@ -72,13 +72,13 @@ def _series(model: str) -> tuple[Path, tuple[int, int, int]]:
     from tests.support.infer_data import colin27_mr_series, cranium_ct_series
 
     fx = cranium_ct_series() if model == "ct-tissue" else colin27_mr_series()
-    return fx.directory, fx.array.shape  # type: ignore[return-value]
+    return fx.directory, fx.array.shape
 
 
 # --------------------------------------------------------------------------- children
 
 
-def _setup(model: str, threads: int):  # type: ignore[no-untyped-def]
+def _setup(model: str, threads: int):
     sys.path.insert(0, str(ROOT))
     from dicomnode.infer import ModelRegistry, load_volume
     from dicomnode.infer.registry import SHIPPED_MODELS_DIR
@@ -122,7 +122,7 @@ def _record(model: str, series: Path, threads: int) -> None:
     np.savez(_inputs_file(model), *recorded)
 
 
-def _raw_call(backends: list[Any], model: str):  # type: ignore[no-untyped-def]
+def _raw_call(backends: list[Any], model: str):
     data = np.load(_inputs_file(model))
     tensors = [data[f"arr_{i}"] for i in range(len(data.files))]
     assert len(tensors) == len(backends)

@@ -28,7 +28,7 @@ from dicomnode.domain import InferenceResult
 from dicomnode.errors import DicomNodeError, ModelError
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "models",
         help="list, verify or run the installed models",
@@ -66,7 +66,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="intra-op threads (default: models.threads)")
 
 
-def _registry(args: argparse.Namespace, names: list[str] | None = None):  # type: ignore[no-untyped-def]
+def _registry(args: argparse.Namespace, names: list[str] | None = None):
     from dicomnode.infer import ModelRegistry
 
     settings = settings_from_args(args)

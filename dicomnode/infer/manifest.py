@@ -235,7 +235,7 @@ class _Reader:
             return default
         return self.data[key]
 
-    def str(self, key: str, default: str | None = None, required: bool = False,
+    def text(self, key: str, default: str | None = None, required: bool = False,
             choices: Sequence[str] | None = None) -> Any:
         v = self.get(key, default, required)
         if v is None:
@@ -247,7 +247,7 @@ class _Reader:
             raise self.error(key, f"{v!r} is not one of {list(choices)}")
         return v
 
-    def num(self, key: str, default: float | None = None, required: bool = False,
+    def number(self, key: str, default: float | None = None, required: bool = False,
             lo: float | None = None, hi: float | None = None, integer: bool = False) -> Any:
         v = self.get(key, default, required)
         if v is None:
@@ -261,7 +261,7 @@ class _Reader:
             raise self.error(key, f"must be <= {hi}, got {v}")
         return v
 
-    def bool(self, key: str, default: bool = False) -> bool:
+    def flag(self, key: str, default: bool = False) -> bool:
         v = self.get(key, default)
         if not isinstance(v, bool):
             raise self.error(key, f"must be true or false, got {v!r}")
@@ -278,7 +278,7 @@ class _Reader:
             raise self.error(key, f"must be 3 {what}, got {v!r}")
         return tuple(int(x) if integer else float(x) for x in v)
 
-    def list(self, key: str, required: bool = False) -> list[Any]:
+    def items(self, key: str, required: bool = False) -> list[Any]:
         v = self.get(key, [], required)
         if not isinstance(v, list):
             raise self.error(key, f"must be a list, got {type(v).__name__}")
@@ -307,9 +307,9 @@ class _Reader:
 def _code(r: _Reader, key: str) -> CodedConcept:
     c = r.sub(key, required=True)
     out = CodedConcept(
-        value=c.str("value", required=True),
-        scheme=c.str("scheme", "SCT"),
-        meaning=c.str("meaning", required=True),
+        value=c.text("value", required=True),
+        scheme=c.text("scheme", "SCT"),
+        meaning=c.text("meaning", required=True),
     )
     c.done()
     return out
@@ -325,33 +325,34 @@ def _color(r: _Reader, key: str) -> tuple[int, int, int]:
 
 def _norm_steps(r: _Reader) -> tuple[NormStep, ...]:
     steps = []
-    for i, raw in enumerate(r.list("normalization")):
+    for i, raw in enumerate(r.items("normalization")):
         s = r.item("normalization", i, raw)
-        t = s.str("type", required=True, choices=NORMALIZATIONS)
+        t = s.text("type", required=True, choices=NORMALIZATIONS)
         params: dict[str, float] = {}
         if t == "clip":
-            params = {"min": s.num("min", required=True), "max": s.num("max", required=True)}
+            params = {"min": s.number("min", required=True), "max": s.number("max", required=True)}
             if params["min"] >= params["max"]:
                 raise s.error("max", "must be greater than min")
         elif t == "scale":
-            params = {"offset": s.num("offset", 0.0), "factor": s.num("factor", required=True)}
+            params = {"offset": s.number("offset", 0.0),
+                      "factor": s.number("factor", required=True)}
         elif t == "zscore":
-            above = s.num("mask_above")
+            above = s.number("mask_above")
             params = {} if above is None else {"mask_above": above}
         elif t == "percentile":
-            params = {"low": s.num("low", 0.5, lo=0, hi=100), "high": s.num("high", 99.5, lo=0,
-                                                                             hi=100)}
+            params = {"low": s.number("low", 0.5, lo=0, hi=100),
+                      "high": s.number("high", 99.5, lo=0, hi=100)}
             if params["low"] >= params["high"]:
                 raise s.error("high", "must be greater than low")
         elif t == "affine":
-            params = {"scale": s.num("scale", 1.0), "offset": s.num("offset", 0.0)}
+            params = {"scale": s.number("scale", 1.0), "offset": s.number("offset", 0.0)}
         s.done()
         steps.append(NormStep(t, params))
     return tuple(steps)
 
 
 def _orientation(r: _Reader) -> str:
-    v = r.str("orientation", "source")
+    v = r.text("orientation", "source")
     if v == "source":
         return v
     v = v.upper()
@@ -382,23 +383,23 @@ def load_manifest(path: Path | str) -> Manifest:
         raise ModelError(f"{path}: must be a YAML mapping at the top level")
     r = _Reader(path, data)
 
-    name = r.str("name", required=True)
+    name = r.text("name", required=True)
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", name):
         raise r.error("name", f"{name!r}: use lower-case letters, digits, '.', '_', '-'")
     if path.parent.name != name:
         raise r.error("name", f"{name!r} must equal the folder name {path.parent.name!r}")
-    family = r.str("family", required=True, choices=("AI", "rule-based"))
+    family = r.text("family", required=True, choices=("AI", "rule-based"))
 
     weights: list[WeightsFile] = []
-    for i, raw in enumerate(r.list("weights", required=True)):
+    for i, raw in enumerate(r.items("weights", required=True)):
         w = r.item("weights", i, raw)
-        file = w.str("file", required=True)
+        file = w.text("file", required=True)
         if Path(file).is_absolute() or ".." in Path(file).parts:
             raise w.error("file", f"{file!r} must be a path inside the model folder")
-        sha = w.str("sha256", required=True).lower()
+        sha = w.text("sha256", required=True).lower()
         if not re.fullmatch(r"[0-9a-f]{64}", sha):
             raise w.error("sha256", "must be 64 hexadecimal digits")
-        weights.append(WeightsFile(file, sha, w.str("role", "model",
+        weights.append(WeightsFile(file, sha, w.text("role", "model",
                                                     choices=("model", "localizer"))))
         w.done()
     if sum(w.role == "model" for w in weights) != 1:
@@ -406,23 +407,23 @@ def load_manifest(path: Path | str) -> Manifest:
 
     info = ModelInfo(
         name=name,
-        version=r.str("version", required=True),
-        description=r.str("description", required=True),
+        version=r.text("version", required=True),
+        description=r.text("description", required=True),
         family=family,
-        authors=r.str("authors", required=True),
-        licence=r.str("licence", required=True),
-        citation=r.str("citation", ""),
-        intended_use=r.str("intended_use", required=True),
+        authors=r.text("authors", required=True),
+        licence=r.text("licence", required=True),
+        citation=r.text("citation", ""),
+        intended_use=r.text("intended_use", required=True),
         weights_sha256=tuple(w.sha256 for w in weights),
     )
 
     a = r.sub("applies_to", required=True)
-    modalities = tuple(str(m).upper() for m in a.list("modalities", required=True))
+    modalities = tuple(str(m).upper() for m in a.items("modalities", required=True))
     applicability = Applicability(
         modalities=modalities,
-        body_parts=tuple(str(b).upper() for b in a.list("body_parts")),
-        series_description=a.str("series_description"),
-        min_slices=a.num("min_slices", 2, lo=1, integer=True),
+        body_parts=tuple(str(b).upper() for b in a.items("body_parts")),
+        series_description=a.text("series_description"),
+        min_slices=a.number("min_slices", 2, lo=1, integer=True),
     )
     if applicability.series_description:
         try:
@@ -432,8 +433,8 @@ def load_manifest(path: Path | str) -> Manifest:
     a.done()
 
     rt = r.sub("runtime")
-    backend = rt.str("backend", "onnx", choices=("onnx", "torchscript"))
-    threads = rt.num("threads", 0, lo=0, integer=True)
+    backend = rt.text("backend", "onnx", choices=("onnx", "torchscript"))
+    threads = rt.number("threads", 0, lo=0, integer=True)
     rt.done()
 
     i_ = r.sub("input", required=True)
@@ -442,15 +443,15 @@ def load_manifest(path: Path | str) -> Manifest:
         spacing=i_.triple("spacing", integer=False),
         resize=i_.triple("resize", integer=True),
         normalization=_norm_steps(i_),
-        statistics_from=i_.str("statistics_from", "input", choices=("input", "localizer")),
-        channels=i_.num("channels", 1, lo=1, hi=1, integer=True),
+        statistics_from=i_.text("statistics_from", "input", choices=("input", "localizer")),
+        channels=i_.number("channels", 1, lo=1, hi=1, integer=True),
         patch_size=i_.triple("patch_size", integer=True),
-        overlap=i_.num("overlap", 0.25, lo=0.0, hi=0.9),
-        batch_size=i_.num("batch_size", 1, lo=1, integer=True),
-        blend=i_.str("blend", "gaussian", choices=("gaussian", "constant")),
-        crop_foreground=i_.num("crop_foreground"),
-        crop_margin=i_.num("crop_margin", 2, lo=0, integer=True),
-        dtype=i_.str("dtype", "float32", choices=("float32", "float16")),
+        overlap=i_.number("overlap", 0.25, lo=0.0, hi=0.9),
+        batch_size=i_.number("batch_size", 1, lo=1, integer=True),
+        blend=i_.text("blend", "gaussian", choices=("gaussian", "constant")),
+        crop_foreground=i_.number("crop_foreground"),
+        crop_margin=i_.number("crop_margin", 2, lo=0, integer=True),
+        dtype=i_.text("dtype", "float32", choices=("float32", "float16")),
     )
     if inp.resize and inp.patch_size:
         raise i_.error("patch_size", "cannot be combined with resize (the network input is fixed)")
@@ -462,11 +463,11 @@ def load_manifest(path: Path | str) -> Manifest:
     if "localizer" in data:
         lo_ = r.sub("localizer")
         localizer = Localizer(
-            weights=lo_.str("weights", required=True),
+            weights=lo_.text("weights", required=True),
             shape=lo_.triple("shape", integer=True) or (128, 128, 128),
-            channel=lo_.num("channel", 1, lo=0, integer=True),
-            threshold=lo_.num("threshold", 0.5),
-            margin=lo_.num("margin", 0.1, lo=0.0, hi=1.0),
+            channel=lo_.number("channel", 1, lo=0, integer=True),
+            threshold=lo_.number("threshold", 0.5),
+            margin=lo_.number("margin", 0.1, lo=0.0, hi=1.0),
         )
         lo_.done()
         if localizer.weights not in {w.file for w in weights if w.role == "localizer"}:
@@ -476,35 +477,35 @@ def load_manifest(path: Path | str) -> Manifest:
         raise i_.error("statistics_from", "'localizer' needs a localizer section")
 
     o = r.sub("output", required=True)
-    task = o.str("task", required=True, choices=("segmentation", "classification"))
+    task = o.text("task", required=True, choices=("segmentation", "classification"))
     labels: list[LabelOutput] = []
     classes: list[ClassSpec] = []
     if task == "segmentation":
         seen: set[int] = set()
-        for i, raw in enumerate(o.list("labels", required=True)):
+        for i, raw in enumerate(o.items("labels", required=True)):
             lr = o.item("labels", i, raw)
-            value = lr.num("value", required=True, lo=1, hi=65535, integer=True)
+            value = lr.number("value", required=True, lo=1, hi=65535, integer=True)
             if value in seen:
                 raise lr.error("value", f"duplicate label value {value}")
             seen.add(value)
             pp = lr.sub("postprocess")
             post = PostProcess(
-                largest_component=pp.bool("largest_component"),
-                fill_holes=pp.str("fill_holes", "none", choices=("none", "3d", "2d")),
-                min_size_ml=pp.num("min_size_ml", 0.0, lo=0.0),
-                within=pp.str("within"),
+                largest_component=pp.flag("largest_component"),
+                fill_holes=pp.text("fill_holes", "none", choices=("none", "3d", "2d")),
+                min_size_ml=pp.number("min_size_ml", 0.0, lo=0.0),
+                within=pp.text("within"),
             )
             pp.done()
             region = _code(lr, "anatomic_region") if lr.get("anatomic_region") else None
             spec = LabelSpec(
                 value=value,
-                name=lr.str("name", required=True),
+                name=lr.text("name", required=True),
                 category=_code(lr, "category"),
                 type=_code(lr, "type"),
                 color=_color(lr, "color"),
                 anatomic_region=region,
             )
-            labels.append(LabelOutput(spec, lr.num("channel", value, lo=0, integer=True), post))
+            labels.append(LabelOutput(spec, lr.number("channel", value, lo=0, integer=True), post))
             lr.done()
         names = {lab.spec.name for lab in labels}
         for i, lab in enumerate(labels):
@@ -512,23 +513,23 @@ def load_manifest(path: Path | str) -> Manifest:
                 raise ModelError(f"{path}: output.labels[{i}].postprocess.within: no label named "
                                  f"{lab.postprocess.within!r}")
     else:
-        for i, raw in enumerate(o.list("classes", required=True)):
+        for i, raw in enumerate(o.items("classes", required=True)):
             cr = o.item("classes", i, raw)
             classes.append(ClassSpec(
-                index=cr.num("index", i, lo=0, integer=True),
-                name=cr.str("name", required=True),
+                index=cr.number("index", i, lo=0, integer=True),
+                name=cr.text("name", required=True),
                 code=_code(cr, "code"),
-                threshold=cr.num("threshold", 0.5, lo=0.0, hi=1.0),
+                threshold=cr.number("threshold", 0.5, lo=0.0, hi=1.0),
             ))
             cr.done()
     sr = o.sub("saliency")
     saliency = SaliencySpec(
-        method=sr.str("method", "none", choices=("none", "occlusion", "gradcam")),
+        method=sr.text("method", "none", choices=("none", "occlusion", "gradcam")),
         patch=sr.triple("patch", integer=True) or (8, 8, 8),
         stride=sr.triple("stride", integer=True),
-        baseline=sr.num("baseline", 0.0),
-        layer=sr.str("layer"),
-        head=sr.str("head"),
+        baseline=sr.number("baseline", 0.0),
+        layer=sr.text("layer"),
+        head=sr.text("head"),
     )
     sr.done()
     if saliency.method != "none" and task != "classification":
@@ -539,21 +540,21 @@ def load_manifest(path: Path | str) -> Manifest:
                                  "and saliency.head")
     output = OutputSpec(
         task=task,
-        activation=o.str("activation", "none", choices=ACTIVATIONS),
-        threshold=o.num("threshold", 0.5, lo=0.0, hi=1.0),
+        activation=o.text("activation", "none", choices=ACTIVATIONS),
+        threshold=o.number("threshold", 0.5, lo=0.0, hi=1.0),
         labels=tuple(labels),
         classes=tuple(classes),
         saliency=saliency,
-        output_index=o.num("output_index", 0, lo=0, integer=True),
+        output_index=o.number("output_index", 0, lo=0, integer=True),
     )
     o.done()
 
     measurements = []
     label_values = {lab.spec.value for lab in labels}
-    for i, raw in enumerate(r.list("measurements")):
+    for i, raw in enumerate(r.items("measurements")):
         m = r.item("measurements", i, raw)
-        mname = m.str("name", required=True, choices=MEASUREMENTS)
-        mlabels = tuple(int(v) for v in m.list("labels"))
+        mname = m.text("name", required=True, choices=MEASUREMENTS)
+        mlabels = tuple(int(v) for v in m.items("labels"))
         unknown = set(mlabels) - label_values
         if unknown:
             raise m.error("labels", f"unknown label value(s) {sorted(unknown)}")
@@ -562,7 +563,7 @@ def load_manifest(path: Path | str) -> Manifest:
         measurements.append(MeasurementSpec(mname, mlabels))
         m.done()
 
-    sample = r.str("sample")
+    sample = r.text("sample")
     for key in ("homepage", "notes"):
         r.get(key)  # free-text keys, informative only
     r.done()

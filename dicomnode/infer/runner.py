@@ -64,8 +64,8 @@ def localizer_box(mask_small: np.ndarray, full_shape: tuple[int, ...], margin: f
         center = np.float32((hit.max() + 1 + hit.min()) / 2) * np.float32(scale)
         size = np.float32(hit.max() + 1 - hit.min()) * np.float32(scale)
         size = np.float32(1 + 2 * margin) * size
-        center, size = float(np.round(center)), float(np.round(size))
-        lo, hi = int(center - size / 2), int(center + size / 2)
+        c, s = float(np.round(center)), float(np.round(size))
+        lo, hi = int(c - s / 2), int(c + s / 2)
         out.append(slice(max(0, lo), min(full_shape[ax], hi)))
     return tuple(out)  # type: ignore[return-value]
 
@@ -154,7 +154,8 @@ class ModelRunner:
         assert isinstance(full, tuple)
         canvas = np.zeros((a.shape[0], *full), dtype=a.dtype)
         box = ctx["box"]
-        canvas[(slice(None), *box)] = a  # type: ignore[index]
+        assert isinstance(box, tuple)
+        canvas[(slice(None), *box)] = a
         reo = ctx["reo"]
         assert isinstance(reo, Reorientation)
         return np.ascontiguousarray(reo.inverse(canvas))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -79,13 +80,13 @@ def sample_volume(array: np.ndarray, affine: np.ndarray, modality: str) -> Volum
 def write_sample(path: Path, array: np.ndarray, modality: str, spacing: float,
                  run: object) -> dict[str, float]:
     """Run ``run(volume) -> InferenceResult`` on the phantom and save it with the answers."""
-    affine = _axial_affine(spacing, array.shape)  # type: ignore[arg-type]
+    affine = _axial_affine(spacing, array.shape)
     stored = np.rint(array).astype(np.int16)  # integers, like DICOM pixels: compresses well
     result = run(sample_volume(stored.astype(np.float32), affine, modality))  # type: ignore[operator]
     expected = _volumes(result)
-    np.savez_compressed(path, array=stored, affine=affine,
-                        modality=np.array(modality),
-                        **{f"expected_{k}": np.array(v) for k, v in expected.items()})
+    arrays: dict[str, Any] = {"array": stored, "affine": affine, "modality": np.array(modality)}
+    arrays.update({f"expected_{k}": np.array(v) for k, v in expected.items()})
+    np.savez_compressed(path, **arrays)
     return expected
 
 

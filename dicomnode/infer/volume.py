@@ -19,6 +19,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -73,9 +74,9 @@ def _files(paths: Path | str | Iterable[Path | str]) -> list[Path]:
     return out
 
 
-def _floats(value: object, n: int, what: str, label: str) -> np.ndarray:
+def _floats(value: Any, n: int, what: str, label: str) -> np.ndarray:
     try:
-        arr = np.asarray([float(v) for v in value], dtype=float)  # type: ignore[union-attr]
+        arr = np.asarray([float(v) for v in value], dtype=float)
     except (TypeError, ValueError) as exc:
         raise VolumeError(f"{label}: {what} is missing or not numeric") from exc
     if arr.shape != (n,) or not np.all(np.isfinite(arr)):
@@ -128,7 +129,7 @@ def _header_frames(path: Path, ds: Dataset) -> list[_Frame]:
             sop_class_uid=sop_class,
             position=_floats(ds.ImagePositionPatient, 3, "ImagePositionPatient", label),
             orientation=_floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", label),
-            pixel_spacing=tuple(_floats(ds.get("PixelSpacing"), 2, "PixelSpacing", label)),  # type: ignore[arg-type]
+            pixel_spacing=tuple(_floats(ds.get("PixelSpacing"), 2, "PixelSpacing", label)),
             rows=rows, columns=cols,
             slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
             intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
@@ -163,7 +164,7 @@ def _header_frames(path: Path, ds: Dataset) -> list[_Frame]:
             position=_floats(pos.get("ImagePositionPatient"), 3, "ImagePositionPatient", flabel),
             orientation=_floats(ori.get("ImageOrientationPatient"), 6,
                                 "ImageOrientationPatient", flabel),
-            pixel_spacing=tuple(_floats(meas.get("PixelSpacing"), 2, "PixelSpacing", flabel)),  # type: ignore[arg-type]
+            pixel_spacing=tuple(_floats(meas.get("PixelSpacing"), 2, "PixelSpacing", flabel)),
             rows=rows, columns=cols, slope=slope, intercept=intercept, label=flabel,
         ))
     return frames

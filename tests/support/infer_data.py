@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -275,7 +276,7 @@ def _write(
     )
 
 
-def _cached(params: dict[str, object], build) -> SeriesFixture:  # type: ignore[no-untyped-def]
+def _cached(params: dict[str, object], build) -> dict[str, Any]:
     digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
     final = cache_root() / f"{params['name']}-{digest[:16]}"
     meta_file = final / "fixture.json"
@@ -300,7 +301,7 @@ def _cached(params: dict[str, object], build) -> SeriesFixture:  # type: ignore[
     return meta
 
 
-def _from_cache(params: dict[str, object], raw: RawVolume, build) -> SeriesFixture:  # type: ignore[no-untyped-def]
+def _from_cache(params: dict[str, object], raw: RawVolume, build) -> SeriesFixture:
     meta = _cached(params, build)
     digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
     final = cache_root() / f"{params['name']}-{digest[:16]}"
