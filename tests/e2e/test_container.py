@@ -9,7 +9,9 @@ the containerised node with Orthanc as its PACS.
 
 from __future__ import annotations
 
+import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,3 +152,50 @@ def test_orthanc_round_trip_through_the_container(image: str, tmp_path: Path) ->
                 res = dciodvfy(path)
                 assert not res.errors, res.output
                 assert pydicom.dcmread(path).StudyInstanceUID == fx.study_uid
+
+
+def test_compose_configuration_both_ways(image: str, tmp_path: Path) -> None:
+    """docker/compose.yaml's pieces, minus compose: Orthanc runs docker/orthanc.json with
+    docker/orthanc-autoroute.lua, the container runs docker/compose.node.yaml. Only
+    what compose's network provides is rewritten (service host names -> 127.0.0.1,
+    ports -> free ones, Orthanc's storage and REST access for the test, a shorter
+    StableAge and quiet window). A series uploaded to Orthanc reaches the node by
+    the Lua autoroute, the SEG + SR come back, and are not routed back again."""
+    docker = ROOT / "docker"
+    orthanc_cfg = json.loads((docker / "orthanc.json").read_text())
+    for key in ("DicomPort", "HttpPort", "StorageDirectory", "IndexDirectory",
+                "RemoteAccessAllowed", "AuthenticationEnabled", "RegisteredUsers",
+                "DicomModalities"):
+        orthanc_cfg.pop(key)
+    orthanc_cfg["LuaScripts"] = [str(docker / "orthanc-autoroute.lua")]
+    orthanc_cfg["StableAge"] = 2
+    node_cfg = yaml.safe_load((docker / "compose.node.yaml").read_text())
+    fx = cranium_ct_series(k_range=(60, 70))
+    with orthanc_running(workdir=tmp_path / "pacs", aet=orthanc_cfg.pop("DicomAet"),
+                         extra=orthanc_cfg) as pacs:
+        (pacs_dest,) = node_cfg["destinations"]
+        assert pacs_dest["host"] == "orthanc"
+        pacs_dest.update(host="127.0.0.1", port=pacs.dicom_port)
+        node_cfg["completion"] = {"series_quiet_seconds": 2, "check_interval_seconds": 0.2}
+        config = tmp_path / "node.yaml"
+        config.write_text(yaml.safe_dump(node_cfg))
+        config.chmod(0o644)
+        with node_container(tmp_path / "data", image, config=config,
+                            echo_aet=pacs.aet) as node:
+            pacs.add_modality("dicomnode", node.ae_title, node.port)
+            for p in fx.paths:  # as if a scanner had sent them
+                pacs.upload(p)
+
+            def results() -> dict[str, list[dict[str, object]]] | None:
+                held = orthanc_by_modality(pacs, fx.study_uid)
+                return held if {"SEG", "SR"} <= set(held) else None
+
+            held = wait_until(results, 240, "SEG and SR routed back to Orthanc",
+                              on_timeout=lambda: node.logs()[-4000:])
+            time.sleep(4)  # past StableAge: the results' series must not be sent back
+            log = (tmp_path / "pacs" / "orthanc.log").read_text()
+            assert log.count("autoroute: sending") == 1, log[-3000:]
+            assert len(held["SEG"]) == 1 and len(held["SR"]) == 1
+            jobs = node.exec("/opt/dicomnode/bin/dicomnode", "jobs", "list", "--json")
+            assert jobs.returncode == 0, jobs.stderr
+            assert len(json.loads(jobs.stdout)) == 1
