@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-APT_PACKAGES := dcmtk orthanc dicom3tools mricron-data invesalius-examples
+APT_PACKAGES := dcmtk orthanc dicom3tools mricron-data invesalius-examples podman runc debootstrap
 PYTEST_ARGS ?=
 
 .PHONY: setup setup-dev apt run test test-fast bench lint typecheck container-test clean
@@ -40,9 +40,6 @@ test-fast: setup
 
 # Builds the podman image (docker/build.sh: cached debootstrap base + host wheelhouse) and runs it.
 container-test: setup apt
-	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null || { \
-	  echo "installing podman, runc, debootstrap"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap; }
 	$(PY) -m pytest -q -m container tests/e2e $(PYTEST_ARGS)
 
 bench: setup apt
