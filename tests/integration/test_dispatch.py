@@ -20,9 +20,11 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
+from pynetdicom import AE
+from pynetdicom.dimse_primitives import C_STORE
 
 from dicomnode.config import DestinationConfig
-from dicomnode.dispatch import AssociationFailed, OutcomeState, store_files
+from dicomnode.dispatch import AssociationFailed, OutcomeState, guard_reactor_race, store_files
 from dicomnode.errors import DispatchError
 from tests.support.dispatch_peers import ScriptedSCP, storescp_running
 from tests.support.peers import Orthanc, free_port, orthanc_running
@@ -271,10 +273,6 @@ def test_guard_hands_stolen_responses_back(ct_series: list[Path]) -> None:
     (The race itself needs a loaded machine to show; here the reactor's hand-off
     is driven directly on a live association.)
     """
-    from pynetdicom import AE
-    from pynetdicom.dimse_primitives import C_STORE
-
-
     scp = ScriptedSCP()
     with scp.running():
         ae = AE(ae_title="GUARD")
