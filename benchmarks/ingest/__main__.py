@@ -96,6 +96,17 @@ def _peak_rss_mb(pids: list[int]) -> float:
     return total / 1024
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 def start_node(work: Path, receivers: int) -> Running:
     port = free_port()
     cfg = {
@@ -226,14 +237,17 @@ def run(args: argparse.Namespace) -> int:
                 try:
                     running = starter(work)
                     try:
+                        cpu0 = _cpu_seconds(running.pids())
                         wall = send(running.port, running.aet, folders)
+                        cpu = _cpu_seconds(running.pids()) - cpu0
                         rss.setdefault((name, scen), []).append(_peak_rss_mb(running.pids()))
                     finally:
                         running.stop()
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
                 times.setdefault((name, scen), []).append(wall)
-                print(f"  run {rep + 1}/{args.repeat} {name:<9} {scen}: {wall:.2f} s",
+                cpu_s = f", receiver CPU {cpu:.2f} s" if name.startswith("node") else ""
+                print(f"  run {rep + 1}/{args.repeat} {name:<9} {scen}: {wall:.2f} s{cpu_s}",
                       flush=True)
     print()
     print(f"CT {args.size}x{args.size} 16-bit, medians of {args.repeat} runs; "

@@ -106,3 +106,28 @@ def test_send_and_studies_cli(node: NodeProcess, tmp_path: Path) -> None:
     assert mine and mine[0]["instances"] == 5 and mine[0]["modality"] == "CT"
     r = _cli(node, "studies")
     assert series in r.stdout and "5 instances" in r.stdout
+
+
+def test_several_receiving_processes_share_the_port(tmp_path: Path) -> None:
+    import threading
+
+    n = start_node(tmp_path / "multi", node={"receivers": 2})
+    try:
+        import psutil
+
+        kids = psutil.Process(n.process.pid).children(recursive=True)
+        assert len([k for k in kids if "spawn" in " ".join(k.cmdline())]) >= 1
+        batches = [_series(tmp_path / f"b{i}", 10)[1] for i in range(3)]
+        results: list[int | None] = []
+        threads = [threading.Thread(target=lambda b=b: results.extend(
+            s for _, s in store_files(n.port, b))) for b in batches]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == [0] * 30
+        with Store.open(n.settings) as store:
+            assert sum(se.instance_count for st in store.studies() for se in st.series) == 30
+    finally:
+        assert n.stop() == 0
+    assert not any(k.is_running() and k.status() != psutil.STATUS_ZOMBIE for k in kids)
