@@ -166,6 +166,13 @@ def _classification_group(c: ClassificationOutput, result: InferenceResult,
     )
 
 
+def _uids_only(ds: Dataset) -> Dataset:
+    out = Dataset()
+    for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        out[kw] = ds[kw]
+    return out
+
+
 def encode_sr(
     result: InferenceResult,
     sources: Sequence[Dataset],
@@ -248,7 +255,11 @@ def encode_sr(
             imaging_measurements=groups,  # type: ignore[arg-type]
             language_of_content_item_and_descendants=language,
         )
-        evidence = list(layout.datasets) + ([seg] if seg is not None else [])
+        # highdicom copies patient/study from evidence[0] and only reads four
+        # UIDs from the rest; slim stand-ins halve its evidence bookkeeping.
+        evidence = [layout.first, *(_uids_only(d) for d in layout.datasets[1:])]
+        if seg is not None:
+            evidence.append(seg)
         src0 = layout.first
         subject = seg_subject(result) if seg_out is not None else \
             ", ".join(c.spec.name for c in result.classifications)[:40]
