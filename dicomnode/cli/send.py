@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dicomnode.errors import DicomNodeError
@@ -34,11 +34,11 @@ class _File:
 class SendResult:
     sent: int = 0
     warnings: int = 0
-    failed: list[tuple[Path, str, str]] | None = None  # (path, sop uid, reason)
-    skipped: list[tuple[Path, str]] | None = None  # not DICOM
+    failed: list[tuple[Path, str, str]] = field(default_factory=list)  # (path, uid, reason)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # not DICOM
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("send", help="send DICOM files/folders to a peer by C-STORE")
     p.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (recursive)")
     p.add_argument("--to", required=True, metavar="HOST:PORT", help="peer address")
@@ -133,7 +133,7 @@ def send_files(files: list[_File], host: str, port: int, called_aet: str, callin
 
     from pynetdicom import _config as pynetdicom_config
 
-    result = SendResult(failed=[], skipped=[])
+    result = SendResult()
     bar = _Progress(len(files), progress)
     # Send each file's encoded dataset as stored: no decode, no re-encode.
     chunked = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
@@ -172,30 +172,31 @@ def _send_batch(batch: list[_File], result: SendResult, bar: _Progress, host: st
             why += f" (result {prim.result}, source {prim.result_source}, " \
                    f"reason {prim.diagnostic})"
         for f in batch:
-            result.failed.append((f.path, f.sop_instance_uid, why))  # type: ignore[union-attr]
+            result.failed.append((f.path, f.sop_instance_uid, why))
             bar.step(False)
         return
     try:
-        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assoc.dul.socket.socket.setsockopt(  # type: ignore[union-attr]
+        socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (AttributeError, OSError):
         pass
     try:
         for f in batch:
             if not assoc.is_established:
-                result.failed.append((f.path, f.sop_instance_uid,  # type: ignore[union-attr]
+                result.failed.append((f.path, f.sop_instance_uid,
                                       "association lost"))
                 bar.step(False)
                 continue
             try:
                 status = assoc.send_c_store(f.path)
             except Exception as exc:  # noqa: BLE001 - report per file, keep going
-                result.failed.append((f.path, f.sop_instance_uid,  # type: ignore[union-attr]
+                result.failed.append((f.path, f.sop_instance_uid,
                                       f"{type(exc).__name__}: {exc}"))
                 bar.step(False)
                 continue
             code = getattr(status, "Status", None)
             if code is None:
-                result.failed.append((f.path, f.sop_instance_uid,  # type: ignore[union-attr]
+                result.failed.append((f.path, f.sop_instance_uid,
                                       "no response (timeout or abort)"))
                 bar.step(False)
             elif code == 0x0000:
@@ -207,7 +208,7 @@ def _send_batch(batch: list[_File], result: SendResult, bar: _Progress, host: st
                 bar.step(True)
             else:
                 comment = getattr(status, "ErrorComment", "") or ""
-                result.failed.append((f.path, f.sop_instance_uid,  # type: ignore[union-attr]
+                result.failed.append((f.path, f.sop_instance_uid,
                                       f"status 0x{code:04X} {comment}".strip()))
                 bar.step(False)
     finally:
@@ -223,7 +224,7 @@ def _run(args: argparse.Namespace) -> int:
     progress = not args.no_progress and os.isatty(2)
     res = send_files(files, host, port, args.called_aet, args.calling_aet,
                      max_pdu=args.max_pdu, timeout=args.timeout, progress=progress)
-    failed = res.failed or []
+    failed = res.failed
     print(f"sent {res.sent}/{len(files)} instance(s) to {args.called_aet}@{host}:{port}"
           + (f", {res.warnings} with warnings" if res.warnings else "")
           + (f", {len(failed)} failed" if failed else "")

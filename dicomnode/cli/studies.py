@@ -8,7 +8,7 @@ import json
 from dicomnode.cli.common import settings_from_args
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("studies", help="list received studies and series (counts, state, job)")
     p.add_argument("--study", help="only this Study Instance UID")
     p.add_argument("--limit", type=int, default=200, help="newest N studies (default 200)")

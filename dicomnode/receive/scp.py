@@ -112,7 +112,8 @@ class StorageSCP:
         ae.network_timeout = n.network_timeout
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         return ae
 
     # ------------------------------------------------------------------ lifecycle
@@ -120,7 +121,7 @@ class StorageSCP:
     def start(self) -> None:
         """Listen on ``node.host:node.port`` (non-blocking: associations run in threads)."""
         n = self.settings.node
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),

@@ -149,7 +149,7 @@ _WANT = frozenset(int(t) for t in _TAGS) | {0x00080005}
 _KEYWORDS = {int(t): dictionary_keyword(t) for t in _TAGS}
 
 
-class _Raw(dict):  # type: ignore[type-arg]
+class _Raw(dict[str, str]):
     """Keyword -> decoded value, the subset of the Dataset API meta_from_dataset uses."""
 
 
