@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -14,9 +15,10 @@ from pydicom.errors import InvalidDicomError
 from dicomnode.cli.common import settings_from_args
 from dicomnode.config import Settings
 from dicomnode.errors import DicomNodeError
-from dicomnode.routing import RoutingTable, Rule
+from dicomnode.routing import RoutingTable, Rule, representative
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from dicomnode.infer import ModelRegistry
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,12 +37,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "explain",
         help="show which rule a file or series matches and why earlier rules did not",
     )
-    explain.add_argument("path", metavar="FILE_OR_SERIES_DIR",
-                         help="a DICOM file, or a folder (each series in it is explained)")
-    explain.add_argument("--calling-aet", default="",
-                         help="calling AE title to assume (the sender)")
+    explain.add_argument("path", metavar="FILE_OR_SERIES",
+                         help="a DICOM file, a folder (each series in it is explained), or "
+                         "the Series Instance UID of a series the node has stored")
+    explain.add_argument("--calling-aet", default=None,
+                         help="calling AE title to assume (default: the one the stored "
+                         "series arrived with, else empty)")
     explain.add_argument("--called-aet", default=None,
-                         help="called AE title to assume (default: node.ae_title)")
+                         help="called AE title to assume (default: the stored series', "
+                         "else node.ae_title)")
     _model_args(explain)
     explain.set_defaults(func=_explain)
 
@@ -51,28 +56,24 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    "models are the manifests found under models.path")
 
 
-def installed_model_names(settings: Settings) -> set[str]:
-    """Names of the models under ``models.path`` (``<name>/model.yaml``), filtered by
-    ``models.enabled``; a manifest that does not load is skipped with a warning."""
-    from dicomnode.infer.manifest import load_manifest
+def model_registry(settings: Settings) -> ModelRegistry | None:
+    """The models the worker would load (``models.path``, ``models.enabled``), or
+    ``None`` with a warning when they cannot be read (``--model`` then names them)."""
+    from dicomnode.infer import ModelRegistry
 
-    names: set[str] = set()
-    root = Path(settings.models.path)
-    if root.is_dir():
-        for manifest in sorted(root.glob("*/model.yaml")):
-            try:
-                names.add(load_manifest(manifest).name)
-            except DicomNodeError as exc:
-                log.warning("skipping model manifest %s: %s", manifest, exc)
-    if settings.models.enabled:
-        names &= set(settings.models.enabled)
-    return names
+    try:
+        return ModelRegistry(settings.models.path, settings.models.enabled,
+                             settings.models.threads)
+    except DicomNodeError as exc:
+        print(f"dicomnode: warning: no models: {exc}", file=sys.stderr)
+        return None
 
 
-def _table(args: argparse.Namespace) -> tuple[Settings, RoutingTable]:
+def _table(args: argparse.Namespace) -> tuple[Settings, RoutingTable, ModelRegistry | None]:
     settings = settings_from_args(args)
-    models = installed_model_names(settings) | set(args.model)
-    return settings, RoutingTable.from_settings(settings, models)
+    registry = model_registry(settings)
+    models = set(registry.names() if registry else ()) | set(args.model)
+    return settings, RoutingTable.from_settings(settings, models), registry
 
 
 def _describe(rule: Rule) -> str:
@@ -91,9 +92,11 @@ def _describe(rule: Rule) -> str:
 
 
 def _check(args: argparse.Namespace) -> int:
-    settings, table = _table(args)
+    settings, table, registry = _table(args)
     if not table.rules:
-        print("no routing rules: every series is stored, nothing runs or is sent")
+        print("no routing rules: every installed model whose manifest applies to a series "
+              f"runs on it ({', '.join(registry.names()) if registry else 'none installed'}); "
+              "nothing is sent")
         return 0
     for rule in table.rules:
         when = "default (everything)" if rule.default else " AND ".join(
@@ -136,19 +139,51 @@ def _representatives(path: Path) -> list[tuple[Path, pydicom.Dataset]]:
     return [(f, ds) for _, f, ds in best.values()]
 
 
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)+$")
+
+
+def _stored_series(settings: Settings, series_uid: str) -> tuple[Path, pydicom.Dataset, str, str]:
+    """Representative header and recorded AE titles of a series in the node's store."""
+    from dicomnode.store import Store
+
+    store = Store.open(settings)
+    try:
+        refs = store.series_instances(series_uid)
+        sref = store.series_ref(series_uid)
+    finally:
+        store.close()
+    if not refs:
+        raise DicomNodeError(f"series {series_uid}: no stored instance file")
+    rep = min(refs, key=lambda i: (i.instance_number is None, i.instance_number or 0,
+                                   str(i.path)))
+    return rep.path, representative(refs), sref.calling_aet, sref.called_aet
+
+
 def _explain(args: argparse.Namespace) -> int:
-    settings, table = _table(args)
-    called = settings.node.ae_title if args.called_aet is None else args.called_aet
+    settings, table, registry = _table(args)
     out = sys.stdout
-    for path, ds in _representatives(Path(args.path)):
+    target = Path(args.path)
+    if not target.exists() and _UID_RE.match(args.path):
+        path, ds, calling, called = _stored_series(settings, args.path)
+        series = [(path, ds, calling, called)]
+    else:
+        series = [(p, ds, "", settings.node.ae_title) for p, ds in _representatives(target)]
+    for path, ds, rec_calling, rec_called in series:
+        calling = rec_calling if args.calling_aet is None else args.calling_aet
+        called = rec_called if args.called_aet is None else args.called_aet
         print(f"{path}", file=out)
         print(f"    series {ds.get('SeriesInstanceUID', '?')} modality "
               f"{ds.get('Modality', '?')} description {str(ds.get('SeriesDescription', ''))!r}"
-              f" calling_aet {args.calling_aet!r} called_aet {called!r}", file=out)
+              f" calling_aet {calling!r} called_aet {called!r}", file=out)
         if not table.rules:
-            print("    no routing rules configured: stored only", file=out)
+            applicable = registry.applicable(
+                str(ds.get("Modality", "") or ""), str(ds.get("BodyPartExamined", "") or ""),
+                str(ds.get("SeriesDescription", "") or "")) if registry else []
+            print("    no routing rules configured: the models whose manifest applies run, "
+                  f"results are not sent -> {', '.join(applicable) or 'no model applies'}",
+                  file=out)
             continue
-        for exp in table.explain(ds, args.calling_aet, called):
+        for exp in table.explain(ds, calling, called):
             mark = "MATCH" if exp.matched else "no   "
             print(f"  {mark} {exp.rule.label}", file=out)
             for reason in exp.reasons:

@@ -5,10 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import yaml
 
 from dicomnode.cli import main
+from dicomnode.config import load_settings
+from dicomnode.store import Store
+from tests.support.pipeline_env import ingest_series
 from tests.support.series import write_series
 
 CONFIG = {
@@ -89,3 +93,45 @@ def test_explain_bad_path(config: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert "no readable DICOM file" in capsys.readouterr().err
     assert main(["-c", str(config), "routes", "explain", str(tmp_path / "nope"), *MODELS]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_explain_stored_series_uses_recorded_aets(tmp_path: Path, series_dir: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(yaml.safe_dump({
+        **CONFIG, "models": {"path": str(tmp_path / "no-models")},
+        "storage": {"path": str(tmp_path / "storage"), "min_free_mb": 0, "fsync": False},
+        "database": {"url": f"sqlite:///{tmp_path / 'node.db'}"},
+    }))
+    settings = load_settings(cfg, environ={})
+    store = Store.open(settings, migrate=True)
+    try:
+        ct = sorted((series_dir / "ct").iterdir())
+        ingest_series(store, ct, calling_aet="ORTHANC", called_aet="AI_NODE")
+    finally:
+        store.close()
+    uid = str(pydicom.dcmread(ct[0], stop_before_pixels=True).SeriesInstanceUID)
+    capsys.readouterr()
+    assert main(["-c", str(cfg), "routes", "explain", uid, *MODELS]) == 0
+    out = capsys.readouterr().out
+    assert "calling_aet 'ORTHANC' called_aet 'AI_NODE'" in out
+    assert "MATCH routes[1] (ct)" in out
+    # Flags override what was recorded.
+    assert main(["-c", str(cfg), "routes", "explain", uid, "--calling-aet", "CT1", *MODELS]) == 0
+    assert "MATCH routes[2] (everything)" in capsys.readouterr().out
+    assert main(["-c", str(cfg), "routes", "explain", "1.2.3.999", *MODELS]) == 2
+    assert "not in the store" in capsys.readouterr().err
+
+
+def test_no_rules_names_the_models_that_apply(tmp_path: Path, series_dir: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(yaml.safe_dump({"destinations": CONFIG["destinations"]}))  # shipped models
+    assert main(["-c", str(cfg), "routes", "explain", str(series_dir)]) == 0
+    out = capsys.readouterr().out
+    mr = next(b for b in out.split(str(series_dir))[1:] if "modality MR" in b)
+    ct = next(b for b in out.split(str(series_dir))[1:] if "modality CT" in b)
+    assert "no routing rules configured" in mr and "-> deepbet-brain" in mr
+    assert "-> ct-tissue" in ct
+    assert main(["-c", str(cfg), "routes", "check"]) == 0
+    assert "ct-tissue, deepbet-brain" in capsys.readouterr().out
