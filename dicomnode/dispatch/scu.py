@@ -263,7 +263,16 @@ def _send_one(assoc: Association, it: _Item, accepted: dict[UID, list[UID]]) -> 
             why += "; compressed data is sent as stored, never transcoded"
         return _failed(it, why, transient=False)
     payload: Path | Dataset
-    if it.syntax in syntaxes:
+    if it.syntax in syntaxes and it.syntax.is_deflated:
+        # pynetdicom's streaming of a file sends the raw deflate stream, whose
+        # length may be odd: DCMTK-based peers (Orthanc) then fail with "Odd
+        # Fragment Length". Decoded and re-deflated by pynetdicom, it is padded.
+        try:
+            payload = dcmread(it.path)
+        except Exception as exc:  # noqa: BLE001
+            return _failed(it, f"cannot read file: {exc}", transient=False)
+        sent_as = it.syntax
+    elif it.syntax in syntaxes:
         payload, sent_as = it.path, it.syntax
     elif it.convertible and (fallback := [s for s in _FALLBACK_SYNTAXES if s in syntaxes]):
         # The peer refused the stored syntax: re-encode the (uncompressed) data

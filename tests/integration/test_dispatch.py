@@ -34,6 +34,7 @@ SAMPLES = {
     "ct": "CT_small.dcm",  # explicit VR little endian
     "mr_rle": "MR_small_RLE.dcm",
     "emr_j2k": "emri_small_jpeg_2k_lossless.dcm",  # enhanced MR, multi-frame
+    "sc_deflated": "image_dfl.dcm",  # deflated explicit VR little endian, odd stream length
 }
 
 
@@ -135,15 +136,17 @@ def test_storescp_implicit_only_gets_converted_uncompressed_data(
     tmp_path: Path, samples: dict[str, Path]
 ) -> None:
     with storescp_running(tmp_path / "in", "+xi") as scp:
-        result = store_files(dest(scp.port, scp.ae_title), [samples["ct"], samples["ct_implicit"]])
+        result = store_files(dest(scp.port, scp.ae_title),
+                             [samples["ct"], samples["ct_implicit"], samples["sc_deflated"]])
         files = scp.files()
     assert result.ok, [o.message for o in result.failed]
-    assert [o.transfer_syntax for o in result.outcomes] == [ImplicitVRLittleEndian] * 2
-    assert len(files) == 2
+    assert [o.transfer_syntax for o in result.outcomes] == [ImplicitVRLittleEndian] * 3
+    assert len(files) == 3
     by_uid = {pydicom.dcmread(f).SOPInstanceUID: f for f in files}
-    got = pydicom.dcmread(by_uid[pydicom.dcmread(samples["ct"]).SOPInstanceUID])
-    assert got.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
-    np.testing.assert_array_equal(got.pixel_array, pydicom.dcmread(samples["ct"]).pixel_array)
+    for key in ("ct", "sc_deflated"):
+        got = pydicom.dcmread(by_uid[pydicom.dcmread(samples[key]).SOPInstanceUID])
+        assert got.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+        np.testing.assert_array_equal(got.pixel_array, pydicom.dcmread(samples[key]).pixel_array)
 
 
 STATUS_CASES = [
