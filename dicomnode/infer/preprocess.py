@@ -128,6 +128,29 @@ def percentiles(a: np.ndarray, low: float, high: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def moments(x: np.ndarray, chunk: int = 1 << 20) -> tuple[float, float]:
+    """Mean and standard deviation with float64 accumulation, in chunks.
+
+    ``np.std(x, dtype=float64)`` would allocate a float64 copy of the whole
+    tensor (8 bytes per voxel); chunks keep the temporary small while the
+    two-pass formula keeps the precision.
+    """
+    flat = x.reshape(-1)
+    n = flat.size
+    if n == 0:
+        return 0.0, 0.0
+    total = 0.0
+    for i in range(0, n, chunk):
+        total += float(np.add.reduce(flat[i:i + chunk], dtype=np.float64))
+    mean = total / n
+    sq = 0.0
+    for i in range(0, n, chunk):
+        d = flat[i:i + chunk].astype(np.float64)
+        d -= mean
+        sq += float(np.dot(d, d))
+    return mean, (sq / n) ** 0.5
+
+
 def normalize(x: np.ndarray, steps: Sequence[NormStep],
               pct: tuple[float, float] | None = None) -> np.ndarray:
     """Apply the manifest's normalisation steps to ``x`` (float32, modified in place).
@@ -155,9 +178,7 @@ def normalize(x: np.ndarray, steps: Sequence[NormStep],
             np.clip(x, 0.0, 1.0, out=x)
         elif step.type == "zscore":
             sel = x[x > p["mask_above"]] if "mask_above" in p else x
-            # float64 accumulation for the moments; the array itself stays float32
-            mean = float(np.mean(sel, dtype=np.float64))
-            std = float(np.std(sel, dtype=np.float64))
+            mean, std = moments(sel)
             x -= np.float32(mean)
             x *= np.float32(1.0 / std) if std > 0 else np.float32(0.0)
         else:  # validated by the manifest loader; kept for safety
