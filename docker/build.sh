@@ -44,6 +44,11 @@ done
 say() { printf '[build.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 mkdir -p "$CACHE"
+# One build at a time: concurrent test sessions share docker/.build and the cache.
+exec 9>"$CACHE/build.lock"
+if command -v flock >/dev/null; then
+    flock 9
+fi
 # Debian's podman in this kind of machine needs runc, cgroupfs and no default
 # ulimits (the sandbox refuses to raise them).
 if [ -z "${CONTAINERS_CONF:-}" ]; then
