@@ -380,7 +380,14 @@ def _parse_rule(
 
 
 def _values(ds: Dataset, keyword: str) -> list[Any] | None:
-    """The attribute's values as a flat list, ``None`` when absent or empty."""
+    """The attribute's values as a flat list, ``None`` when absent or empty.
+
+    File meta keywords (group 0002, e.g. ``TransferSyntaxUID``) are looked up
+    in the file meta information, where pydicom keeps them.
+    """
+    tag = tag_for_keyword(keyword)
+    if tag is not None and tag >> 16 == 0x0002:
+        ds = getattr(ds, "file_meta", None) or Dataset()
     if keyword not in ds:
         return None
     value = ds[keyword].value

@@ -287,3 +287,13 @@ def test_representative_is_lowest_instance_number(tmp_path: Any) -> None:
     assert "PixelData" not in rep
     with pytest.raises(RoutingError, match="empty series"):
         representative([])
+
+
+def test_file_meta_keywords(tmp_path: Any) -> None:
+    (path,) = write_series(np.zeros((1, 4, 4), np.float32), tmp_path, modality="CT")
+    d = pydicom.dcmread(path, stop_before_pixels=True)
+    t = _one({"TransferSyntaxUID": "1.2.840.10008.1.2.1"})
+    assert t.match(d).matched
+    jpeg = _one({"TransferSyntaxUID": {"regex": r"^1\.2\.840\.10008\.1\.2\.4"}})
+    assert not jpeg.match(d).matched
+    assert not t.match(ds(Modality="CT")).matched  # no file meta: missing
