@@ -6,12 +6,13 @@ Frame of Reference with a per-frame reference to the exact source instance
 (or frame of a multi-frame source). BINARY by default, FRACTIONAL from
 probability maps on request.
 
-Memory: the masks arrive as ``bool (labels, k, rows, columns)``. highdicom's
-"stacked segments" layout ``(k, rows, columns, labels)`` makes it sum over
-the label axis into an int64 array (8 bytes per voxel) to detect overlaps.
-When labels do not overlap (the usual case) we instead hand it a uint8 label
-map built in place (one byte per voxel, no per-label copies), which it
-splits per frame on the fly. Source datasets are headers only.
+Memory: the masks arrive as ``bool (labels, k, rows, columns)``. highdicom
+wants ``(k, rows, columns, labels)``; we hand it ``np.moveaxis`` of our array,
+a view (no copy), in which every frame of a segment is still a contiguous
+plane. highdicom's own overlap test on that layout sums over the label axis
+into an int64 array (8 bytes per voxel, 630 MB for 300 x 512 x 512), so
+:class:`_Segmentation` replaces it with a plane-by-plane check. Source
+datasets are headers only.
 """
 
 from __future__ import annotations
@@ -72,35 +73,6 @@ def seg_subject(result: InferenceResult) -> str:
     return f"{len(names)}-label"
 
 
-def _label_map(masks: np.ndarray) -> np.ndarray | None:
-    """uint8/uint16 label map (k, rows, cols), or None if labels overlap.
-
-    Built without copying any mask: ``np.copyto(where=)`` writes the label
-    number into one output array; before each label is written, a slice-wise
-    check against what is already there detects overlaps.
-    """
-    n = masks.shape[0]
-    dtype = np.uint8 if n < 255 else np.uint16
-    out = np.zeros(masks.shape[1:], dtype=dtype)
-    if n == 1:
-        np.copyto(out, 1, where=masks[0])
-        return out
-    for i in range(n):
-        if i > 0 and _overlaps(out, masks[i]):
-            return None
-        np.copyto(out, i + 1, where=masks[i])
-    return out
-
-
-def _overlaps(label_map: np.ndarray, mask: np.ndarray) -> bool:
-    """Does ``mask`` touch a voxel already labelled? Slice by slice, skipping empty ones."""
-    for k in range(mask.shape[0]):  # per slice: small temporaries only
-        m = mask[k]
-        if m.any() and np.logical_and(label_map[k], m).any():
-            return True
-    return False
-
-
 class _Segmentation(hd.seg.Segmentation):
     """highdicom's Segmentation with a slice-wise overlap check for stacked masks.
 
@@ -120,12 +92,28 @@ class _Segmentation(hd.seg.Segmentation):
                 and pixel_array.dtype == np.bool_
                 and segmentation_type == hd.seg.SegmentationTypeValues.BINARY
                 and pixel_array.shape[-1] == len(segment_numbers)):
-            overlap = any(int(pixel_array[k].sum(axis=-1, dtype=np.uint8).max()) > 1
-                          for k in range(pixel_array.shape[0]))
+            overlap = _stacked_overlap(pixel_array)
             return pixel_array, (hd.seg.SegmentsOverlapValues.YES if overlap
                                  else hd.seg.SegmentsOverlapValues.NO)
         return super()._check_and_cast_pixel_array(
             pixel_array, segment_numbers, segmentation_type, dtype)
+
+
+def _stacked_overlap(stacked: np.ndarray) -> bool:
+    """Do segments of a ``(frames, rows, cols, segments)`` boolean array overlap?
+
+    Works on the planes of the caller's ``(segments, frames, rows, cols)``
+    layout (contiguous), one frame at a time, with a one-plane uint8 buffer.
+    """
+    planes = np.moveaxis(stacked, -1, 0)
+    if planes.shape[0] < 2:
+        return False
+    acc = np.empty(planes.shape[2:], dtype=np.uint8)
+    for k in range(planes.shape[1]):
+        np.add.reduce(planes[:, k], axis=0, dtype=np.uint8, out=acc)
+        if acc.max() > 1:
+            return True
+    return False
 
 
 def _to_source_frames(array: np.ndarray, layout: SourceLayout, axis: int = 0) -> np.ndarray:
@@ -203,12 +191,9 @@ def encode_seg(
         pixels = np.moveaxis(_to_source_frames(probs, layout, axis=1), 0, -1)
         seg_type = hd.seg.SegmentationTypeValues.FRACTIONAL
     else:
-        lm = _label_map(seg_out.masks)
-        if lm is not None:
-            pixels = _to_source_frames(lm, layout)
-        else:
-            # Overlapping labels: highdicom's stacked layout (a view, no copy).
-            pixels = np.moveaxis(_to_source_frames(seg_out.masks, layout, axis=1), 0, -1)
+        # highdicom's stacked layout as a view of our masks: no copy, and each
+        # frame of a segment is a contiguous plane of the caller's array.
+        pixels = np.moveaxis(_to_source_frames(seg_out.masks, layout, axis=1), 0, -1)
         seg_type = hd.seg.SegmentationTypeValues.BINARY
 
     src0 = layout.first
