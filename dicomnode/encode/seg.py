@@ -78,9 +78,9 @@ class _Segmentation(hd.seg.Segmentation):
 
     For a 4D boolean array highdicom decides SegmentsOverlap with
     ``array.sum(axis=-1)``, an int64 temporary of 8 bytes per voxel (630 MB for
-    300 x 512 x 512). Models with nested labels (body / bone / air) always take
-    that path, so we compute the same answer one slice at a time. Everything
-    else is highdicom's own code (the override returns exactly what it would).
+    300 x 512 x 512). We compute the same answer one plane at a time. Everything
+    else is highdicom's own code (the override returns exactly what it would;
+    highdicom is pinned, and the round-trip tests cover both answers).
     """
 
     @classmethod
