@@ -117,6 +117,14 @@ def measure(
     """Volume (mL) and intensity statistics per label, as the manifest asks."""
     unit = "[hnsf'U]" if modality.upper() == "CT" else "1"
     out: list[Measurement] = []
+    gathered: dict[int, np.ndarray | None] = {}  # label index -> its voxels' values, once
+
+    def values(i: int) -> np.ndarray | None:
+        if i not in gathered:
+            box = bbox(masks[i])
+            gathered[i] = None if box is None else image[box][masks[i][box]]
+        return gathered[i]
+
     for spec in specs:
         wanted = spec.labels or tuple(lab.value for lab in labels)
         for i, lab in enumerate(labels):
@@ -127,10 +135,9 @@ def measure(
                 out.append(Measurement("volume", float(np.count_nonzero(m)) * voxel_ml, "ml",
                                        lab.value))
                 continue
-            box = bbox(m)
-            if box is None:
+            vals = values(i)
+            if vals is None:
                 continue  # no voxels: no intensity statistic (volume 0 is reported)
-            vals = image[box][m[box]]
             value = {
                 "mean": lambda v: float(np.mean(v, dtype=np.float64)),
                 "min": lambda v: float(v.min()),

@@ -89,12 +89,12 @@ def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
 def resize_nearest(a: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """Resize the last three axes of ``a`` to ``shape`` by nearest-exact sampling."""
     lead = a.ndim - 3
-    out = a
-    for ax in range(3):
-        n_in = a.shape[lead + ax]
-        if n_in != shape[ax]:
-            out = np.take(out, nearest_indices(n_in, int(shape[ax])), axis=lead + ax)
-    return out
+    if tuple(a.shape[lead:]) == tuple(int(s) for s in shape):
+        return a
+    # One fancy-indexing pass over all three axes: a single output allocation
+    # (three np.take calls would make two full-size intermediates).
+    idx = np.ix_(*[nearest_indices(a.shape[lead + ax], int(shape[ax])) for ax in range(3)])
+    return a[(Ellipsis, *idx)]
 
 
 def resample(a: np.ndarray, src_spacing: Sequence[float], dst_spacing: Sequence[float],
