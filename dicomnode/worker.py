@@ -69,7 +69,15 @@ from pathlib import Path
 from typing import Any
 
 from dicomnode.config import DestinationConfig, Settings
-from dicomnode.domain import Delivery, InstanceRef, Job, JobState, OutputObject, SeriesRef
+from dicomnode.domain import (
+    Delivery,
+    InferenceResult,
+    InstanceRef,
+    Job,
+    JobState,
+    OutputObject,
+    SeriesRef,
+)
 from dicomnode.errors import (
     ConfigError,
     DicomNodeError,
@@ -182,6 +190,29 @@ class _Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(5)
+
+
+class _Prefetch:
+    """Run ``fn`` in a thread now; :meth:`get` returns its result or raises its error."""
+
+    def __init__(self, fn: Any) -> None:
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="prefetch",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Any) -> None:
+        try:
+            self._result = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            self._error = exc
+
+    def get(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 @contextmanager
@@ -342,7 +373,10 @@ class Pipeline:
         with _timed(timings, "load"):
             volume = load_volume([r.path for r in refs])
         hb.check()
-        sources = None
+        # The encoders need the source headers; read them while the first model
+        # computes (onnxruntime releases the GIL), not after it.
+        first = InferenceResult(self.registry.manifest(decision.models[0]).info, volume)
+        headers = _Prefetch(lambda: load_sources(first))
         formats, keep_empty = self._formats(decision.send)
         options = EncodeOptions(series_version=job.series_version, keep_empty_frames=keep_empty)
         for name in decision.models:
@@ -350,9 +384,7 @@ class Pipeline:
                 result = self.registry.run(name, volume)
             hb.check()
             with _timed(timings, "encode"):
-                if sources is None:
-                    sources = load_sources(result)
-                datasets = encode_results(result, sources, formats, options)
+                datasets = encode_results(result, headers.get(), formats, options)
             with _timed(timings, "write"):
                 for ds in datasets:
                     kind = _kind(ds)
