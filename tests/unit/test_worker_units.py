@@ -1,0 +1,92 @@
+"""Pure parts of the worker: failure classification, format union, embedded default routing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+
+from dicomnode.errors import (
+    ConfigError,
+    EncodeError,
+    InvalidInstanceError,
+    ModelError,
+    RoutingError,
+    StoreError,
+    VolumeError,
+)
+from dicomnode.routing import SendTarget
+from dicomnode.store import Store
+from dicomnode.worker import Pipeline, _Prefetch, classify, worker_identity
+from tests.support.pipeline_env import destination, pipeline_settings
+
+
+@pytest.mark.parametrize(("exc", "transient", "prefix"), [
+    (VolumeError("slice gap"), False, "volume: slice gap"),
+    (ModelError("bad weights"), False, "model: bad weights"),
+    (EncodeError("no frames"), False, "encode: no frames"),
+    (RoutingError("routes[0]"), False, "routing: routes[0]"),
+    (ConfigError("x"), False, "routing: x"),
+    (InvalidInstanceError("bad UID"), False, "instance: bad UID"),
+    (StoreError("database is locked"), True, "store: database is locked"),
+    (OSError(28, "No space left on device"), True, "OSError: [Errno 28]"),
+    (PermissionError(13, "denied"), True, "PermissionError"),
+    (TimeoutError("slow disk"), True, "TimeoutError: slow disk"),
+    (MemoryError(), True, "out of memory"),
+    (ValueError("shapes differ"), False, "unexpected ValueError: shapes differ"),
+])
+def test_classify(exc: BaseException, transient: bool, prefix: str) -> None:
+    t, reason = classify(exc)
+    assert t is transient
+    assert reason.startswith(prefix), reason
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path) -> Pipeline:
+    settings = pipeline_settings(tmp_path, destinations=[
+        destination("pacs", 104, "PACS"),
+        destination("research", 105, "RESEARCH", keep_empty_frames=True, formats=["seg"]),
+    ])
+    store = Store.open(settings, migrate=True)
+    yield Pipeline(settings, store)
+    store.close()
+
+
+def test_formats_union_and_keep_empty(pipeline: Pipeline) -> None:
+    assert pipeline._formats(()) == (("seg", "sr"), False)
+    assert pipeline._formats([SendTarget("pacs", ("sr",))]) == (("sr",), False)
+    assert pipeline._formats([SendTarget("pacs", ("seg", "sr")),
+                              SendTarget("research", ("sc", "seg"))]) == \
+        (("seg", "sr", "sc"), True)
+
+
+def _header(modality: str, description: str = "", body: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Modality, ds.SeriesDescription = modality, description
+    if body:
+        ds.BodyPartExamined = body
+    return ds
+
+
+def test_embedded_default_runs_the_applicable_models(pipeline: Pipeline) -> None:
+    assert not pipeline.table.rules
+    ct = pipeline._embedded_default(_header("CT"), 50)
+    assert ct.models == ("ct-tissue",) and not ct.send and not ct.forward
+    mr = pipeline._embedded_default(_header("MR", "T1 MPRAGE", "HEAD"), 120)
+    assert mr.models == ("deepbet-brain",)
+    assert pipeline._embedded_default(_header("MR", "FLAIR", "HEAD"), 120).models == ()
+    assert pipeline._embedded_default(_header("US"), 50).models == ()
+
+
+def test_prefetch_reraises_in_caller() -> None:
+    def boom() -> None:
+        raise EncodeError("cannot read source instance x")
+    with pytest.raises(EncodeError, match="cannot read source"):
+        _Prefetch(boom).get()
+    assert _Prefetch(lambda: 42).get() == 42
+
+
+def test_worker_identity_is_readable_and_unique_per_index() -> None:
+    a, b = worker_identity("worker", 1), worker_identity("worker", 2)
+    assert a.startswith("worker@") and a != b
