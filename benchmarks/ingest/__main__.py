@@ -124,7 +124,13 @@ def start_node(work: Path, receivers: int) -> Running:
     proc = subprocess.Popen([sys.executable, "-m", "dicomnode", "--config",
                              str(work / "node.json"), "serve", "--no-worker"],
                             stdout=log, stderr=subprocess.STDOUT, cwd=work, env=env)
-    _wait_echo(port, "DICOMNODE", proc)
+    try:
+        _wait_echo(port, "DICOMNODE", proc)
+    except Exception:
+        proc.kill()
+        log.close()
+        print((work / "node.log").read_text()[-3000:], file=sys.stderr)
+        raise
     if receivers > 1:
         # Every receiving process must be listening before the clock starts.
         deadline = time.monotonic() + 60

@@ -164,13 +164,6 @@ class StorageSCP:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (AttributeError, OSError):  # pragma: no cover - socket already gone
             pass
-        # pynetdicom's DUL thread sleeps _run_loop_delay (1 ms) whenever it is
-        # idle, which includes the time our handler runs: the C-STORE response
-        # then waits up to 1 ms to be sent. 0.5 ms halves that latency for
-        # a modest idle cost on open associations.
-        dul = getattr(event.assoc, "dul", None)
-        if dul is not None and hasattr(dul, "_run_loop_delay"):
-            dul._run_loop_delay = 0.0005
 
     def _on_requested(self, event: Any) -> None:
         # pynetdicom rejects by itself (require_called_aet / require_calling_aet);

@@ -102,7 +102,14 @@ def write_temp(path: Path, chunks: bytes | list[bytes] | tuple[bytes, ...], *,
     if isinstance(chunks, bytes):
         chunks = (chunks,)
     size = 0
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    except FileNotFoundError:
+        # The folder was removed behind our back (operator clean-up): forget it, recreate.
+        with _known_dirs_lock:
+            _known_dirs.discard(str(path.parent))
+        ensure_dir(path.parent, fsync=fsync)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
         for c in chunks:
             view = memoryview(c)

@@ -262,15 +262,15 @@ class Store:
         cfg = self.settings.completion
 
         def tx(conn: Connection) -> series_mod.Recorded:
-            return series_mod.record_instance(conn, meta, relpath=rel, size=size, now=now,
-                                              cache=self._ids,
-                                              use_expected_counts=cfg.use_expected_counts)
-        try:
-            rec = self._tx(tx)
-        except StoreError:
-            # Ids cached inside a rolled-back transaction may not exist.
-            self._ids = series_mod.IdCache()
-            raise
+            try:
+                return series_mod.record_instance(conn, meta, relpath=rel, size=size, now=now,
+                                                  cache=self._ids,
+                                                  use_expected_counts=cfg.use_expected_counts)
+            except BaseException:
+                # Ids cached inside this (now rolled back) transaction may not exist.
+                self._ids = series_mod.IdCache()
+                raise
+        rec = self._tx(tx)
         if rec.replaced_path:
             files.remove_quietly(self.root / rec.replaced_path)
         outcome = IngestOutcome.REPLACED if rec.was_duplicate else IngestOutcome.STORED

@@ -6,7 +6,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-from pydicom.data import get_testdata_files
 from pydicom.filereader import read_file_meta_info
 
 from dicomnode.errors import InvalidInstanceError
@@ -38,9 +37,23 @@ def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
     assert [q.name for q in p.parent.iterdir()] == ["x.dcm"]  # no temporary left
 
 
+def _local_test_files() -> list[Path]:
+    """pydicom's bundled files and pydicom-data's, without any download attempt."""
+    import pydicom.data
+
+    dirs = [Path(pydicom.data.__file__).parent / "test_files"]
+    try:
+        import data_store  # pydicom-data
+
+        dirs.append(Path(data_store.__file__).parent / "data")
+    except ImportError:  # pragma: no cover - pydicom-data is a dev dependency
+        pass
+    return sorted(p for d in dirs for p in d.glob("*.dcm"))
+
+
 def _le_files() -> list[Path]:
     out = []
-    for f in get_testdata_files("*.dcm"):
+    for f in _local_test_files():
         try:
             ts = str(read_file_meta_info(f).TransferSyntaxUID)
         except Exception:  # noqa: BLE001 - files without meta are not C-STORE payloads
