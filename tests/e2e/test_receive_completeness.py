@@ -131,3 +131,31 @@ def test_several_receiving_processes_share_the_port(tmp_path: Path) -> None:
     finally:
         assert n.stop() == 0
     assert not any(k.is_running() and k.status() != psutil.STATUS_ZOMBIE for k in kids)
+
+
+def test_node_on_postgresql(tmp_path: Path) -> None:
+    from tests.support.receive_db import pg_schema_url, postgres_available
+
+    if not postgres_available():
+        pytest.skip("PostgreSQL not reachable on 127.0.0.1:5432")
+    with pg_schema_url() as url:
+        n = start_node(tmp_path / "pg", database={"url": url},
+                       completion={"series_quiet_seconds": 30})
+        try:
+            series, files = _series(tmp_path, 3, expected=3)
+            assert [s for _, s in store_files(n.port, files)] == [0, 0, 0]
+            (job,) = _jobs(n, series)  # completed by count, in the same transaction
+            assert job.state is JobState.PENDING
+        finally:
+            assert n.stop() == 0
+        assert "database migrated" in n.log()
+
+
+def test_serve_rejects_bad_config_naming_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("node:\n  port: 99999\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMNODE_")}
+    r = subprocess.run([sys.executable, "-m", "dicomnode", "--config", str(cfg), "serve"],
+                       capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+    assert r.returncode == 2
+    assert "node.port: 99999 is not a TCP port" in r.stderr
