@@ -233,9 +233,10 @@ def _text(ds: Any, keyword: str) -> str:
     return "" if v is None else str(v).strip()
 
 
-def worker_identity(role: str, index: int = 0) -> str:
+def worker_identity(role: str, index: int = 0, *, pid: int | None = None) -> str:
     """``role@host:pid[:index]``: unique per process, readable in ``jobs show``."""
-    return f"{role}@{socket.gethostname()}:{os.getpid()}" + (f":{index}" if index else "")
+    return (f"{role}@{socket.gethostname()}:{os.getpid() if pid is None else pid}"
+            + (f":{index}" if index else ""))
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -564,6 +565,57 @@ class Dispatcher:
 # --------------------------------------------------------------------------- processes
 
 
+def _holder_pid(worker_id: str | None) -> int | None:
+    """The pid in ``role@host:pid[:index]`` when ``host`` is this host, else ``None``."""
+    if not worker_id or "@" not in worker_id:
+        return None
+    host, _, rest = worker_id.partition("@")[2].partition(":")
+    if host != socket.gethostname():
+        return None
+    try:
+        return int(rest.split(":")[0])
+    except ValueError:
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def release_jobs(store: Store, reason: str, *, holders: Sequence[str] | None = None) -> list[int]:
+    """Put running jobs whose worker is gone back in the queue now, not at lease expiry.
+
+    ``holders``: exactly these worker ids (a supervisor's stopped children).
+    Otherwise every job held by a worker of *this host* whose process no longer
+    exists (the node was killed and restarted). Workers on other hosts, and
+    live processes, are left to their leases. The release counts as a transient
+    failure (backoff, bounded by ``worker.max_attempts``).
+    """
+    released = []
+    for job in store.list_jobs(states=[JobState.RUNNING], limit=10000):
+        if holders is not None:
+            if job.worker_id not in holders:
+                continue
+        else:
+            pid = _holder_pid(job.worker_id)
+            if pid is None or _pid_alive(pid):
+                continue
+        try:
+            store.fail_job(job.id, job.worker_id or "", reason, transient=True)
+        except StoreError:
+            continue  # finished or reclaimed meanwhile
+        released.append(job.id)
+        log.warning("job released", extra=kv(job_id=job.id, worker=job.worker_id,
+                                              reason=reason))
+    return released
+
+
 def check_settings(settings: Settings) -> None:
     """Fail fast, in the parent, on what would kill every child: models and routes."""
     from dicomnode.infer import ModelRegistry
@@ -643,11 +695,13 @@ class ChildProcesses:
     while it keeps dying young, so a persistent fault does not spin.
     """
 
-    def __init__(self, name: str, target: Any, settings: Settings, count: int) -> None:
+    def __init__(self, name: str, target: Any, settings: Settings, count: int, *,
+                 releases_jobs: bool = False) -> None:
         self.name = name
         self.target = target
         self.settings = settings
         self.count = count
+        self.releases_jobs = releases_jobs
         self._ctx = mp.get_context("spawn")
         self._procs: list[Any] = []
         self._started: list[float] = []
@@ -662,7 +716,19 @@ class ChildProcesses:
         p.start()
         return p
 
+    def _release(self, reason: str, holders: Sequence[str] | None = None) -> None:
+        if not self.releases_jobs:
+            return
+        try:
+            with Store.open(self.settings) as store:
+                release_jobs(store, reason, holders=holders)
+        except Exception:  # noqa: BLE001 - the leases expire anyway
+            log.exception("releasing jobs failed; they are reclaimed when their lease expires")
+
     def start(self) -> None:
+        # Jobs of this host's workers that died with a previous node (kill -9,
+        # power loss) need not wait for their lease.
+        self._release("worker lost (its process is gone; node restarted)")
         self._procs = [self._spawn(i) for i in range(self.count)]
         self._started = [time.monotonic()] * self.count
         self._delay = [1.0] * self.count
@@ -680,6 +746,8 @@ class ChildProcesses:
                 log.error("child process died; restarting", extra=kv(
                     service=self.name, index=i + 1, exitcode=p.exitcode,
                     restart_in_s=self._delay[i]))
+                self._release(f"worker process died (exit code {p.exitcode})",
+                              [worker_identity("worker", i + 1, pid=p.pid)])
                 if self._stop.wait(self._delay[i]):
                     return
                 self._procs[i] = self._spawn(i)
@@ -693,13 +761,16 @@ class ChildProcesses:
             if p.is_alive():
                 p.terminate()
         deadline = time.monotonic() + timeout
-        for p in self._procs:
+        killed = []
+        for i, p in enumerate(self._procs):
             p.join(max(0.1, deadline - time.monotonic()))
             if p.is_alive():
-                # A model still computing: its job's lease expires and another
-                # worker (or this node after restart) takes it over.
+                # A model still computing: its job goes back to the queue.
                 p.kill()
                 p.join(2)
+                killed.append(worker_identity("worker", i + 1, pid=p.pid))
+        if killed:
+            self._release("worker stopped by shutdown before finishing", killed)
 
     def alive(self) -> bool:
         return all(p.is_alive() for p in self._procs)
@@ -719,7 +790,7 @@ def services(settings: Settings, *, workers: int | None = None,
     n = settings.worker.processes if workers is None else workers
     out: list[ChildProcesses] = []
     if n > 0:
-        out.append(ChildProcesses("worker", worker_main, settings, n))
+        out.append(ChildProcesses("worker", worker_main, settings, n, releases_jobs=True))
     if dispatch:
         out.append(ChildProcesses("dispatcher", dispatcher_main, settings, 1))
     return out

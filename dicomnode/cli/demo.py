@@ -80,7 +80,7 @@ def write_sample_series(out_dir: Path | str, *, study_uid: str | None = None,
         The files in slice order (Explicit VR Little Endian).
     """
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
     with np.load(SAMPLE) as z:
         array = z["array"][::every]
@@ -145,7 +145,7 @@ def write_sample_series(out_dir: Path | str, *, study_uid: str | None = None,
         ds.PixelRepresentation = 1
         ds.PixelData = np.ascontiguousarray(array[k], dtype="<i2").tobytes()
         ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = MR_IMAGE
+        ds.file_meta.MediaStorageSOPClassUID = UID(MR_IMAGE)
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         p = out / f"MR{k + 1:04d}.dcm"
@@ -167,7 +167,8 @@ def send_files(paths: list[Path], host: str, port: int, called_aet: str,
 
         raise DispatchError(f"cannot associate with {called_aet}@{host}:{port}")
     with contextlib.suppress(AttributeError, OSError):
-        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assoc.dul.socket.socket.setsockopt(  # type: ignore[union-attr]
+            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     out: list[int | None] = []
     try:
         for p in paths:

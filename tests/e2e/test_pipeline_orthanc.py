@@ -180,7 +180,8 @@ def _seg_mask(seg: pydicom.Dataset, sources: list[Path]) -> np.ndarray:
 @pytest.fixture(scope="module")
 def mr_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One deepbet run shared by the MR checks: the node is killed -9 while the model
-    runs, restarted, and the job completes."""
+    runs, restarted, and the job completes (released at start-up: its worker's process
+    is gone; with a long lease this also shows no lease expiry is needed)."""
     if not SAMPLE.is_file():
         pytest.skip("demo sample missing")
     tmp = tmp_path_factory.mktemp("mr")
@@ -191,7 +192,7 @@ def mr_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         for p in paths:
             pacs.upload(p)
         node = start_pipeline_node(tmp / "node", orthanc=pacs, routes=[MR_RULE],
-                                   worker={"lease_seconds": 4})
+                                   worker={"lease_seconds": 600})
         try:
             orthanc_send_study(pacs, study_uid)
             wait_until(lambda: "model loaded" in node.log(), 120,
@@ -201,7 +202,7 @@ def mr_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             killed_jobs = node.cli("jobs", "list", "--json").stdout
             no_results = orthanc_by_modality(pacs, study_uid)
             node = start_pipeline_node(tmp / "node", orthanc=pacs, routes=[MR_RULE],
-                                       worker={"lease_seconds": 4}, port=node.port)
+                                       worker={"lease_seconds": 600}, port=node.port)
             job = _delivered_job(node, series_uid, 1, 240)
             outputs = _outputs(node, job["id"])
             files = _check_results_in_pacs(pacs, study_uid, outputs, tmp)
@@ -221,6 +222,8 @@ def test_mr_brain_job_survives_kill9(mr_run: dict[str, Any]) -> None:
     assert [j["state"] for j in killed] == ["running"], killed  # died mid-model
     assert "SEG" not in mr_run["before"]
     assert mr_run["job"]["state"] == "done" and mr_run["job"]["attempts"] == 2
+    # The restarted node saw the dead worker's job and re-queued it at once.
+    assert "job released" in mr_run["log"], mr_run["log"][-3000:]
     held = mr_run["held"]
     assert len(held["SEG"]) == 1 and len(held["SR"]) == 1  # exactly one of each
     assert len(held["SEG"][0]["Instances"]) == 1 and len(held["SR"][0]["Instances"]) == 1

@@ -304,3 +304,33 @@ def test_worker_loop_stops(tmp_path: Path, pacs: Orthanc) -> None:
         stop.set()
         t.join(5)
         assert not t.is_alive()
+
+
+def test_release_jobs_of_dead_local_workers_only(tmp_path: Path, pacs: Orthanc) -> None:
+    import subprocess
+
+    from dicomnode.worker import release_jobs, worker_identity
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    vol = np.full((4, 16, 16), 40.0, dtype=np.float32)
+    with _open(tmp_path, pacs.dicom_port, pacs.aet, [CT_RULE]) as store:
+        holders = {
+            "dead": worker_identity("worker", 1, pid=gone.pid),
+            "alive": worker_identity("worker", 1),  # this test process
+            "remote": "worker@another-host:1:1",
+        }
+        jobs = {}
+        for name, holder in holders.items():
+            paths = write_series(vol, tmp_path / name, modality="CT")
+            uid = str(pydicom.dcmread(paths[0]).SeriesInstanceUID)
+            jobs[name] = store.enqueue(uid, ingest_series(store, paths)).id
+            claimed = store.claim_job(holder)
+            assert claimed is not None and claimed.id == jobs[name]
+        assert release_jobs(store, "worker lost") == [jobs["dead"]]
+        dead = store.get_job(jobs["dead"])
+        assert dead.state is JobState.PENDING and dead.last_error == "worker lost"
+        assert store.get_job(jobs["alive"]).state is JobState.RUNNING
+        assert store.get_job(jobs["remote"]).state is JobState.RUNNING
+        # A supervisor releases exactly the children it stopped.
+        assert release_jobs(store, "stopped", holders=[holders["remote"]]) == [jobs["remote"]]
