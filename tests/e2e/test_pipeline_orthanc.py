@@ -28,6 +28,7 @@ from tests.support.pipeline_node import (
     start_pipeline_node,
     wait_until,
 )
+from tests.support.receive_node import echo
 
 pytestmark = pytest.mark.skipif(not Path("/usr/sbin/Orthanc").exists(),
                                 reason="Orthanc not installed")
@@ -198,6 +199,8 @@ def mr_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             wait_until(lambda: "model loaded" in node.log(), 120,
                        "the model running in the worker", interval=0.05,
                        on_timeout=lambda: node.log()[-3000:])
+            # Inference runs in a worker process: the node still answers meanwhile.
+            echo_while_model_runs = echo(node.port, node.ae_title)
             node.kill9()
             killed_jobs = node.cli("jobs", "list", "--json").stdout
             no_results = orthanc_by_modality(pacs, study_uid)
@@ -211,6 +214,7 @@ def mr_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         finally:
             node.stop()
     return {"paths": paths, "job": job, "killed_jobs": killed_jobs, "before": no_results,
+            "echo": echo_while_model_runs,
             "held": held, "files": files, "log": log}
 
 
@@ -221,6 +225,7 @@ def test_mr_brain_job_survives_kill9(mr_run: dict[str, Any]) -> None:
     killed = json.loads(mr_run["killed_jobs"])
     assert [j["state"] for j in killed] == ["running"], killed  # died mid-model
     assert "SEG" not in mr_run["before"]
+    assert mr_run["echo"] == 0x0000
     assert mr_run["job"]["state"] == "done" and mr_run["job"]["attempts"] == 2
     # The restarted node saw the dead worker's job and re-queued it at once.
     assert "job released" in mr_run["log"], mr_run["log"][-3000:]
