@@ -616,6 +616,21 @@ def release_jobs(store: Store, reason: str, *, holders: Sequence[str] | None = N
     return released
 
 
+def release_deliveries(store: Store, *, holders: Sequence[str] | None = None) -> int:
+    """Deliveries ``sending`` for a dispatcher that is gone go back to ``pending`` now.
+
+    ``holders``: exactly these dispatcher ids; otherwise every dispatcher of this
+    host whose process no longer exists (see :func:`release_jobs`).
+    """
+    if holders is None:
+        holders = [h for h in store.delivery_holders()
+                   if (pid := _holder_pid(h)) is not None and not _pid_alive(pid)]
+    n = store.release_deliveries(holders) if holders else 0
+    if n:
+        log.warning("deliveries released", extra=kv(deliveries=n, dispatchers=list(holders)))
+    return n
+
+
 def check_settings(settings: Settings) -> None:
     """Fail fast, in the parent, on what would kill every child: models and routes."""
     from dicomnode.infer import ModelRegistry
@@ -695,13 +710,11 @@ class ChildProcesses:
     while it keeps dying young, so a persistent fault does not spin.
     """
 
-    def __init__(self, name: str, target: Any, settings: Settings, count: int, *,
-                 releases_jobs: bool = False) -> None:
-        self.name = name
+    def __init__(self, name: str, target: Any, settings: Settings, count: int) -> None:
+        self.name = name  # "worker" or "dispatcher": also the role in the children's ids
         self.target = target
         self.settings = settings
         self.count = count
-        self.releases_jobs = releases_jobs
         self._ctx = mp.get_context("spawn")
         self._procs: list[Any] = []
         self._started: list[float] = []
@@ -717,17 +730,19 @@ class ChildProcesses:
         return p
 
     def _release(self, reason: str, holders: Sequence[str] | None = None) -> None:
-        if not self.releases_jobs:
-            return
+        """Re-queue what dead children held (jobs or deliveries), not waiting for leases."""
         try:
             with Store.open(self.settings) as store:
-                release_jobs(store, reason, holders=holders)
+                if self.name == "worker":
+                    release_jobs(store, reason, holders=holders)
+                elif self.name == "dispatcher":
+                    release_deliveries(store, holders=holders)
         except Exception:  # noqa: BLE001 - the leases expire anyway
-            log.exception("releasing jobs failed; they are reclaimed when their lease expires")
+            log.exception("releasing work of dead children failed; their leases expire")
 
     def start(self) -> None:
-        # Jobs of this host's workers that died with a previous node (kill -9,
-        # power loss) need not wait for their lease.
+        # Jobs (deliveries) of this host's workers (dispatchers) that died with a
+        # previous node (kill -9, power loss) need not wait for their lease.
         self._release("worker lost (its process is gone; node restarted)")
         self._procs = [self._spawn(i) for i in range(self.count)]
         self._started = [time.monotonic()] * self.count
@@ -747,7 +762,7 @@ class ChildProcesses:
                     service=self.name, index=i + 1, exitcode=p.exitcode,
                     restart_in_s=self._delay[i]))
                 self._release(f"worker process died (exit code {p.exitcode})",
-                              [worker_identity("worker", i + 1, pid=p.pid)])
+                              [worker_identity(self.name, i + 1, pid=p.pid)])
                 if self._stop.wait(self._delay[i]):
                     return
                 self._procs[i] = self._spawn(i)
@@ -768,7 +783,7 @@ class ChildProcesses:
                 # A model still computing: its job goes back to the queue.
                 p.kill()
                 p.join(2)
-                killed.append(worker_identity("worker", i + 1, pid=p.pid))
+                killed.append(worker_identity(self.name, i + 1, pid=p.pid))
         if killed:
             self._release("worker stopped by shutdown before finishing", killed)
 
@@ -790,7 +805,7 @@ def services(settings: Settings, *, workers: int | None = None,
     n = settings.worker.processes if workers is None else workers
     out: list[ChildProcesses] = []
     if n > 0:
-        out.append(ChildProcesses("worker", worker_main, settings, n, releases_jobs=True))
+        out.append(ChildProcesses("worker", worker_main, settings, n))
     if dispatch:
         out.append(ChildProcesses("dispatcher", dispatcher_main, settings, 1))
     return out

@@ -154,3 +154,26 @@ def list_(conn: Connection, *, root: Path, job_id: int | None = None,
         q = q.where(deliveries.c.destination == destination)
     q = q.order_by(deliveries.c.id.desc()).limit(limit)
     return [row_to_delivery(r, root) for r in conn.execute(q)]
+
+
+def sending_holders(conn: Connection) -> list[str]:
+    """Distinct ids of the dispatchers holding deliveries in ``sending``."""
+    rows = conn.execute(select(deliveries.c.worker_id).where(
+        deliveries.c.state == DeliveryState.SENDING.value,
+        deliveries.c.worker_id.is_not(None)).distinct())
+    return sorted(str(r[0]) for r in rows)
+
+
+def release(conn: Connection, *, worker_ids: Sequence[str], now: datetime) -> int:
+    """Deliveries ``sending`` for these (dead) dispatchers go back to ``pending`` now.
+
+    The claim already counted the attempt; whether the peer stored the object is
+    unknown, and re-sending it is harmless (same SOP Instance UID).
+    """
+    if not worker_ids:
+        return 0
+    res = conn.execute(update(deliveries).where(
+        deliveries.c.state == DeliveryState.SENDING.value,
+        deliveries.c.worker_id.in_(list(worker_ids))).values(
+        state=DeliveryState.PENDING.value, lease_until=None, not_before=None, updated_at=now))
+    return int(res.rowcount or 0)

@@ -632,6 +632,16 @@ class Store:
     def get_delivery(self, delivery_id: int) -> Delivery:
         return self._read(lambda c: outbox.get(c, delivery_id, self.root))
 
+    def delivery_holders(self) -> list[str]:
+        """Ids of the dispatchers holding deliveries in ``sending`` (to find dead ones)."""
+        return self._read(outbox.sending_holders)
+
+    def release_deliveries(self, worker_ids: Sequence[str]) -> int:
+        """Put the ``sending`` deliveries of these dead dispatchers back to ``pending`` now,
+        instead of waiting for their lease; returns how many."""
+        now = self.now()
+        return self._tx(lambda c: outbox.release(c, worker_ids=worker_ids, now=now))
+
     def list_deliveries(self, *, job_id: int | None = None,
                         states: Sequence[DeliveryState | str] = (),
                         destination: str | None = None, limit: int = 100) -> list[Delivery]:

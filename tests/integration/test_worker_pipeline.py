@@ -334,3 +334,30 @@ def test_release_jobs_of_dead_local_workers_only(tmp_path: Path, pacs: Orthanc) 
         assert store.get_job(jobs["remote"]).state is JobState.RUNNING
         # A supervisor releases exactly the children it stopped.
         assert release_jobs(store, "stopped", holders=[holders["remote"]]) == [jobs["remote"]]
+
+
+def test_release_deliveries_of_dead_local_dispatcher(tmp_path: Path, pacs: Orthanc,
+                                                     ct_small) -> None:
+    import subprocess
+
+    from dicomnode.worker import release_deliveries, worker_identity
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    with _open(tmp_path, pacs.dicom_port, pacs.aet, [CT_RULE]) as store:
+        job_id = _job(store, ct_small)
+        Worker(store.settings, store).poll_once()
+        dead = worker_identity("dispatcher", 1, pid=gone.pid)
+        claimed = store.claim_deliveries("pacs", dead, limit=1)  # dies while sending it
+        assert len(claimed) == 1
+        live = worker_identity("dispatcher", 1)
+        store.claim_deliveries("pacs", live, limit=1)
+        assert store.delivery_holders() == sorted([dead, live])
+        assert release_deliveries(store) == 1  # only the dead one's
+        states = {d.id: d.state for d in store.list_deliveries(job_id=job_id)}
+        assert states[claimed[0].id] is DeliveryState.PENDING
+        assert sorted(s.value for s in states.values()) == ["pending", "sending"]
+        # Sent again by a live dispatcher (same object: the PACS keeps one copy).
+        assert release_deliveries(store, holders=[live]) == 1
+        Dispatcher(store.settings, store).poll_once()
+        assert {d.state for d in store.list_deliveries(job_id=job_id)} == {DeliveryState.DONE}
