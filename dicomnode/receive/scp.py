@@ -24,6 +24,7 @@ import logging
 import socket
 import threading
 import time
+import types
 from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
@@ -86,6 +87,27 @@ class _ReusePortServer(_Server):
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # type: ignore[union-attr]
         super().server_bind()
+
+
+def _recv_exactly(assoc_sock: Any, nr_bytes: int) -> bytearray:
+    """``AssociationSocket.recv`` with the same contract (``nr_bytes`` bytes, or
+    fewer if the peer closed the connection; socket errors propagate), reading
+    with ``recv_into`` in large chunks."""
+    buf = bytearray(nr_bytes)
+    view = memoryview(buf)
+    got = 0
+    sock = assoc_sock.socket
+    try:
+        while got < nr_bytes:
+            n = sock.recv_into(view[got:], nr_bytes - got)
+            if n == 0:  # connection closed: return what arrived
+                break
+            got += n
+    finally:
+        view.release()
+    if got < nr_bytes:
+        del buf[got:]
+    return buf
 
 
 class _AssocStats:
@@ -186,10 +208,13 @@ class StorageSCP:
     def _on_conn_open(self, event: Any) -> None:
         # Without TCP_NODELAY small PDUs (responses) wait for Nagle + delayed ACK.
         try:
-            sock = event.assoc.dul.socket.socket
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            assoc_sock = event.assoc.dul.socket
+            assoc_sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (AttributeError, OSError):  # pragma: no cover - socket already gone
-            pass
+            return
+        # pynetdicom reads PDUs 4 KiB per recv() call (130 calls and copies for
+        # a CT slice); read straight into the PDU buffer instead.
+        assoc_sock.recv = types.MethodType(_recv_exactly, assoc_sock)
 
     def _on_requested(self, event: Any) -> None:
         # pynetdicom rejects by itself (require_called_aet / require_calling_aet);
