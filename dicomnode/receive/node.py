@@ -191,9 +191,17 @@ class Node:
             services=[svc.name for svc in self.services], pid=os.getpid()))
 
     def check(self) -> None:
-        """Supervise: restart receiver processes that died."""
+        """Supervise: restart receiver processes that died; let services that can
+        supervise themselves (a ``check()`` method) do so."""
         if self.receivers is not None:
             self.receivers.check()
+        for svc in self.services:
+            check = getattr(svc, "check", None)
+            if callable(check):
+                try:
+                    check()
+                except Exception:  # noqa: BLE001 - supervision must not stop the node
+                    log.exception("service check failed", extra=kv(service=svc.name))
 
     def stop(self, grace_seconds: float = 10.0) -> None:
         log.info("node stopping")
