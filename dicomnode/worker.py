@@ -426,9 +426,41 @@ class Worker:
         self.store = store
         self.worker_id = worker_id or worker_identity("worker")
         self.pipeline = pipeline or Pipeline(settings, store)
+        self._triaged: set[int] = set()
+
+    def triage(self) -> int:
+        """Give pending jobs their routing rule's ``priority`` before anyone claims them.
+
+        Jobs are created when a series completes, before routing; the rules'
+        priorities are applied here so that the queue serves, say, a stroke CT
+        before a backlog of routine MR. Returns how many jobs changed.
+        """
+        if not any(r.priority for r in self.pipeline.table.rules):
+            return 0
+        if len(self._triaged) > 100_000:
+            self._triaged.clear()
+        changed = 0
+        for job in self.store.list_jobs(states=[JobState.PENDING], limit=500):
+            if job.id in self._triaged:
+                continue
+            self._triaged.add(job.id)
+            try:
+                refs = self.store.series_instances(job.series_uid, job.series_version)
+                sref = self.store.series_ref(job.series_uid, job.series_version)
+                decision, _ = self.pipeline.route(refs, sref)
+            except Exception:  # noqa: BLE001 - the job fails with its reason when run
+                continue
+            if decision.priority != job.priority and self.store.set_job_priority(
+                    job.id, decision.priority):
+                changed += 1
+                log.info("job priority from routing", extra=kv(
+                    job_id=job.id, priority=decision.priority,
+                    rule=decision.rule.label if decision.rule else None))
+        return changed
 
     def poll_once(self) -> JobReport | None:
         """Claim and process one due job; ``None`` when none is due."""
+        self.triage()
         job = self.store.claim_job(self.worker_id)
         if job is None:
             return None

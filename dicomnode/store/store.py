@@ -572,6 +572,18 @@ class Store:
         now = self.now()
         return self._tx(lambda c: queue.cancel(c, job_id=job_id, now=now), attempts=3)
 
+    def set_job_priority(self, job_id: int, priority: int) -> bool:
+        """Set a *pending* job's priority (routing decides it after the job exists);
+        ``False`` if the job is no longer pending."""
+        now = self.now()
+
+        def tx(c: Connection) -> bool:
+            res = c.execute(update(jobs).where(jobs.c.id == job_id,
+                                               jobs.c.state == JobState.PENDING.value)
+                            .values(priority=priority, updated_at=now))
+            return bool(res.rowcount)
+        return self._tx(tx, attempts=3)
+
     def get_job(self, job_id: int) -> Job:
         return self._read(lambda c: queue.get(c, job_id))
 

@@ -361,3 +361,24 @@ def test_release_deliveries_of_dead_local_dispatcher(tmp_path: Path, pacs: Ortha
         assert release_deliveries(store, holders=[live]) == 1
         Dispatcher(store.settings, store).poll_once()
         assert {d.state for d in store.list_deliveries(job_id=job_id)} == {DeliveryState.DONE}
+
+
+def test_rule_priority_reorders_the_queue(tmp_path: Path, pacs: Orthanc) -> None:
+    vol = np.full((4, 16, 16), 40.0, dtype=np.float32)
+    routine = write_series(vol, tmp_path / "routine", modality="CT",
+                           series_description="routine abdomen")
+    urgent = write_series(vol, tmp_path / "urgent", modality="CT",
+                          series_description="STROKE head")
+    routes = [{"name": "stroke", "when": {"SeriesDescription": {"regex": "STROKE"}},
+               "forward": ["pacs"], "priority": 10},
+              {"name": "routine", "when": {"Modality": "CT"}, "forward": ["pacs"]}]
+    with _open(tmp_path, pacs.dicom_port, pacs.aet, routes) as store:
+        order = []
+        for paths in (routine, urgent):  # the routine series completed first
+            uid = str(pydicom.dcmread(paths[0]).SeriesInstanceUID)
+            order.append(store.enqueue(uid, ingest_series(store, paths)).id)
+        worker = Worker(store.settings, store)
+        done = [r.job_id for r in iter(worker.poll_once, None)]
+        assert done == [order[1], order[0]]
+        assert store.get_job(order[1]).priority == 10
+        assert store.get_job(order[0]).priority == 0
