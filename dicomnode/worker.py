@@ -542,6 +542,13 @@ class Dispatcher:
         except AssociationFailed as exc:
             outcomes = exc.outcomes
             rep.associations = 1
+        except Exception as exc:  # noqa: BLE001 - a bug or OS error must not strand 'sending'
+            log.exception("dispatch batch failed unexpectedly", extra=kv(destination=dest.name))
+            from dicomnode.dispatch import FileOutcome, OutcomeState
+
+            outcomes = tuple(FileOutcome(d.path, d.sop_instance_uid, d.sop_class_uid,
+                                         OutcomeState.FAILED, None, True,
+                                         f"{type(exc).__name__}: {exc}") for d in claimed)
         for d, o in zip(claimed, outcomes, strict=True):
             if o.ok:
                 self.store.delivery_done(d.id, o.status)
