@@ -173,3 +173,46 @@ def test_rejects_mixed_matrix_and_non_images(small_series: list[Path], tmp_path:
     with pytest.raises(VolumeError, match="empty series"):
         load_volume([])
 
+
+
+# --------------------------------------------------------------------------- fast header path
+
+
+def test_fast_path_equals_pydicom_path(cranium_ct: SeriesFixture, colin27_mr: SeriesFixture,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicomnode.infer import volume as volmod
+
+    assert volmod._read_fast(cranium_ct.paths[0]) is not None  # the common case is fast
+    fast = [load_volume(cranium_ct.directory), load_volume(colin27_mr.directory)]
+    monkeypatch.setattr(volmod, "_read_fast", lambda path: None)
+    slow = [load_volume(cranium_ct.directory), load_volume(colin27_mr.directory)]
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_array_equal(a.array, b.array)
+        np.testing.assert_array_equal(a.affine, b.affine)
+        assert a.frames == b.frames and a.paths == b.paths
+        assert (a.study_uid, a.series_uid, a.frame_of_reference_uid, a.modality) == (
+            b.study_uid, b.series_uid, b.frame_of_reference_uid, b.modality)
+
+
+def test_implicit_vr_and_unusual_layouts(tmp_path: Path) -> None:
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from dicomnode.infer import volume as volmod
+
+    arr = np.random.default_rng(5).integers(-1000, 2000, (5, 7, 6)).astype(float)
+    paths = write_series(arr, tmp_path / "s", spacing=(2.0, 0.5, 0.5), rescale_slope=2.0,
+                         rescale_intercept=-1024)
+    for p in paths[:2]:  # mixed encodings in one series are legal
+        ds = pydicom.dcmread(p)
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        ds.save_as(p, implicit_vr=True, little_endian=True)
+    assert volmod._read_fast(paths[0]) is not None
+    v = load_volume(paths)
+    expected = np.rint((arr + 1024) / 2.0) * 2.0 - 1024
+    np.testing.assert_array_equal(v.array, expected.astype(np.float32))
+    # 12 bits stored in 16: pydicom decodes these (masking the unused high bits)
+    ds = pydicom.dcmread(paths[3])
+    ds.BitsStored, ds.HighBit = 12, 11
+    ds.save_as(paths[3])
+    assert volmod._read_fast(paths[3]) is not None
+    np.testing.assert_array_equal(load_volume(paths).array, expected.astype(np.float32))
