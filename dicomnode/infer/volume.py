@@ -276,6 +276,7 @@ _FAST_TAGS: dict[str, tuple[int, str]] = {
 }
 _FAST_FALLBACK = frozenset({0x52009229, 0x52009230, 0x7FE00008, 0x7FE00009})  # -> pydicom
 _WANT = frozenset(t for t, _ in _FAST_TAGS.values()) | _FAST_FALLBACK
+_FAST_MAX_BYTES = 8 << 20  # a 2048 x 2048 16-bit slice is 8 MiB
 
 
 class _FastDataset:
@@ -333,6 +334,8 @@ class _FastDataset:
 def _read_fast(path: Path) -> _FastDataset | None:
     """Header and raw pixels without pydicom, or None when pydicom must decide."""
     try:
+        if path.stat().st_size > _FAST_MAX_BYTES:
+            return None  # big files are multi-frame or compressed: pydicom reads them lazily
         data = path.read_bytes()
         if data[128:132] != b"DICM" or data[132:136] != b"\x02\x00\x00\x00":
             return None
