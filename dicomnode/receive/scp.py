@@ -34,6 +34,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicomnode.config import Settings
 from dicomnode.errors import StoreError
 from dicomnode.logs import kv
+from dicomnode.receive import fastrsp
 from dicomnode.store import (
     InvalidUIDError,
     MissingAttributeError,
@@ -215,6 +216,7 @@ class StorageSCP:
         # pynetdicom reads PDUs 4 KiB per recv() call (130 calls and copies for
         # a CT slice); read straight into the PDU buffer instead.
         assoc_sock.recv = types.MethodType(_recv_exactly, assoc_sock)
+        fastrsp.install(event.assoc.dimse)
 
     def _on_requested(self, event: Any) -> None:
         # pynetdicom rejects by itself (require_called_aet / require_calling_aet);
