@@ -11,7 +11,7 @@ from dicomnode.cli.common import settings_from_args
 from dicomnode.domain import Delivery, DeliveryState, Job, JobState
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     jobs = sub.add_parser("jobs", help="list, inspect, retry or cancel jobs")
     jsub = jobs.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
     p = jsub.add_parser("list", help="jobs, newest first")

@@ -7,7 +7,7 @@ import argparse
 from dicomnode.cli.common import settings_from_args
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "worker",
         help="run workers (inference) and the dispatcher without receiving",
