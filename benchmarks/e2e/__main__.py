@@ -165,7 +165,8 @@ def main(argv: list[str]) -> int:
             work / "node", orthanc=orthanc, routes=[RULE],
             completion={"series_quiet_seconds": args.quiet, "check_interval_seconds": 0.1},
             worker={"processes": 1, "poll_seconds": 0.1, "lease_seconds": 120},
-            logging={"level": "INFO", "json": True})
+            logging={"level": "INFO", "json": True},
+            storage={"fsync": True})  # production default: durable before acknowledging
         import pydicom
 
         def uids(paths: list[Path]) -> tuple[str, str]:
