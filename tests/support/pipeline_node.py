@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from dicomnode.domain import DeliveryState, Job, JobState
+from dicomnode.domain import DeliveryState, JobState
 from tests.support.peers import ORTHANC_BIN, Orthanc, free_port, wait_for_port
 from tests.support.receive_node import NodeProcess, echo, node_config
 
@@ -154,11 +154,6 @@ def orthanc_send_study(orthanc: Orthanc, study_uid: str, modality: str = "dicomn
                  {"Resources": resources, "Synchronous": True})
 
 
-def stop_orthanc_dicom(orthanc: Orthanc) -> None:
-    """Take the PACS down (its storage survives for :func:`restart_orthanc`)."""
-    orthanc.stop()
-
-
 def restart_orthanc(orthanc: Orthanc, timeout: float = 60.0) -> None:
     """Start Orthanc again with the same config, ports and storage."""
     wd = orthanc.workdir
@@ -195,6 +190,5 @@ def all_delivered(deliveries: list[dict[str, Any]], job_id: int) -> bool:
     return bool(mine) and all(d["state"] == DeliveryState.DONE.value for d in mine)
 
 
-__all__ = ["Job", "PipelineNode", "all_delivered", "finished", "job_for", "orthanc_send_study",
-           "pipeline_config", "restart_orthanc", "start_pipeline_node", "stop_orthanc_dicom",
-           "wait_until"]
+__all__ = ["PipelineNode", "all_delivered", "finished", "job_for", "orthanc_send_study",
+           "pipeline_config", "restart_orthanc", "start_pipeline_node", "wait_until"]
