@@ -382,3 +382,32 @@ def test_rule_priority_reorders_the_queue(tmp_path: Path, pacs: Orthanc) -> None
         assert done == [order[1], order[0]]
         assert store.get_job(order[1]).priority == 10
         assert store.get_job(order[0]).priority == 0
+
+
+def test_two_workers_share_the_queue_without_double_work(tmp_path: Path, pacs: Orthanc) -> None:
+    vol = np.full((4, 16, 16), 40.0, dtype=np.float32)
+    routes = [{"name": "archive", "when": {"Modality": "CT"}, "forward": ["pacs"]}]
+    with _open(tmp_path, pacs.dicom_port, pacs.aet, routes) as store:
+        ids = []
+        for i in range(6):
+            paths = write_series(vol, tmp_path / f"s{i}", modality="CT")
+            uid = str(pydicom.dcmread(paths[0]).SeriesInstanceUID)
+            ids.append(store.enqueue(uid, ingest_series(store, paths)).id)
+        settings = store.settings
+    processed: dict[str, list[int]] = {}
+
+    def run(name: str) -> None:
+        with Store.open(settings) as own:  # like a separate process: its own engine
+            w = Worker(settings, own, worker_id=name)
+            processed[name] = [r.job_id for r in iter(w.poll_once, None)]
+
+    threads = [threading.Thread(target=run, args=(f"w{i}",)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    done = sorted(j for jobs in processed.values() for j in jobs)
+    assert done == sorted(ids)  # every job once, none twice
+    with Store.open(settings) as store:
+        assert {store.get_job(i).attempts for i in ids} == {1}
+        assert len(store.list_deliveries(limit=1000)) == 6 * 4
