@@ -742,6 +742,26 @@ def dispatcher_main(settings: Settings, index: int) -> None:
         store.close()
 
 
+def _parent_logging(settings: Settings) -> Settings:
+    """``settings`` with the log level and format the parent actually uses.
+
+    ``dicomnode --log-json --log-level DEBUG serve`` configures the parent's
+    logging from command-line flags that are not in the settings; children
+    must log the same way, into the same stream.
+    """
+    import dataclasses
+
+    from dicomnode.logs import JsonFormatter
+
+    root = logging.getLogger()
+    json_lines = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
+    level = logging.getLevelName(root.level)
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        return settings  # logging not set up here (library use): keep the settings
+    return dataclasses.replace(settings, logging=dataclasses.replace(
+        settings.logging, level=level, json=json_lines or settings.logging.json))
+
+
 class ChildProcesses:
     """A :class:`dicomnode.receive.node.Service`: N spawned processes, restarted if one dies.
 
@@ -752,7 +772,7 @@ class ChildProcesses:
     def __init__(self, name: str, target: Any, settings: Settings, count: int) -> None:
         self.name = name  # "worker" or "dispatcher": also the role in the children's ids
         self.target = target
-        self.settings = settings
+        self.settings = _parent_logging(settings)
         self.count = count
         self._ctx = mp.get_context("spawn")
         self._procs: list[Any] = []

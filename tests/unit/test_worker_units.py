@@ -90,3 +90,25 @@ def test_prefetch_reraises_in_caller() -> None:
 def test_worker_identity_is_readable_and_unique_per_index() -> None:
     a, b = worker_identity("worker", 1), worker_identity("worker", 2)
     assert a.startswith("worker@") and a != b
+
+
+def test_children_log_like_the_parent(tmp_path: Path) -> None:
+    import logging
+
+    from dicomnode.logs import setup_logging
+    from dicomnode.worker import _parent_logging
+
+    settings = pipeline_settings(tmp_path)
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        setup_logging("DEBUG", json_lines=True)  # as `dicomnode --log-json --log-level DEBUG`
+        child = _parent_logging(settings)
+        assert (child.logging.level, child.logging.json) == ("DEBUG", True)
+        assert (settings.logging.level, settings.logging.json) == ("INFO", False)
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
