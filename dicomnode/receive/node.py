@@ -19,6 +19,7 @@ is reported in the log and the node runs without it.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import multiprocessing as mp
@@ -79,6 +80,15 @@ class CompletenessTracker:
         return self._thread.is_alive()
 
 
+def _freeze_heap() -> None:
+    """Move everything allocated during start-up (modules, migrations, metadata) out
+    of the cyclic garbage collector's reach: otherwise every full collection while
+    receiving rescans that whole heap, which made the main process measurably
+    slower per instance than a fresh receiving process."""
+    gc.collect()
+    gc.freeze()
+
+
 def _receiver_main(settings: Settings, index: int) -> None:
     """Entry point of an extra receiving process (spawned, so it starts clean)."""
     setup_logging(settings.logging.level, settings.logging.json, settings.logging.file)
@@ -88,6 +98,7 @@ def _receiver_main(settings: Settings, index: int) -> None:
     store = Store.open(settings)
     scp = StorageSCP(settings, store, reuse_port=True)
     scp.start()
+    _freeze_heap()
     log.info("receiver process listening", extra=kv(receiver=index, pid=os.getpid()))
     while not stop.wait(0.5):
         pass
@@ -185,6 +196,7 @@ class Node:
         for svc in services:
             svc.start()
             self.services.append(svc)
+        _freeze_heap()
         log.info("node ready", extra=kv(
             ae_title=s.node.ae_title, host=s.node.host, port=s.node.port,
             receivers=s.node.receivers, storage=str(self.store.root),
