@@ -206,12 +206,14 @@ class Store:
                                                   meta.sop_instance_uid)
 
     def ingest(self, meta: InstanceMeta, data: bytes | Sequence[bytes]) -> IngestResult:
-        """Store one instance durably: file (fsync + atomic rename), then its committed row.
+        """Store one instance durably: its file (temporary file, fsync, atomic rename,
+        folder fsync) and its committed row.
 
         ``data`` is the complete DICOM Part 10 stream (preamble, file meta and
-        dataset exactly as received). On return the instance is durable; on an
-        exception nothing was acknowledged (a file written before a failed
-        commit is indexed by :meth:`reconcile` at the next start).
+        dataset exactly as received). On return both are durable; on an
+        exception the instance must not be acknowledged (a file written before a
+        failed commit is indexed, a row whose file failed is flagged, by
+        :meth:`reconcile` at the next start).
         """
         rel = files.instance_relpath(meta.study_uid, meta.series_uid, meta.sop_instance_uid)
         if self.settings.storage.duplicate_policy == "keep":
@@ -230,7 +232,7 @@ class Store:
         # acknowledged, sends the instance again.
         durable = self._io.submit(files.commit_temp, tmp, path, fsync=self._fsync)
         try:
-            result = self._record(meta, str(rel), size)
+            result, replaced = self._record(meta, str(rel), size)
         except BaseException:
             with contextlib.suppress(Exception):
                 durable.result()
@@ -242,6 +244,8 @@ class Store:
                 instances.c.sop_instance_uid == meta.sop_instance_uid,
                 instances.c.path == str(rel)).values(file_missing=True)))
             raise
+        if replaced:  # the replacement moved (other study/series): drop the old copy now
+            files.remove_quietly(self.root / replaced)
         return result
 
     def _existing(self, sop_uid: str) -> tuple[str, bool, int] | None:
@@ -257,7 +261,11 @@ class Store:
                            meta.sop_class_uid, self.root / rel, meta.transfer_syntax_uid,
                            meta.instance_number)
 
-    def _record(self, meta: InstanceMeta, rel: str, size: int) -> IngestResult:
+    def _record(self, meta: InstanceMeta, rel: str, size: int) -> tuple[IngestResult, str | None]:
+        """Commit the row of an instance whose file is (being made) durable at ``rel``.
+
+        Returns the result and the relative path of a replaced copy that now lies
+        elsewhere (to delete once the new file is durable)."""
         now = self.now()
         cfg = self.settings.completion
 
@@ -271,14 +279,12 @@ class Store:
                 self._ids = series_mod.IdCache()
                 raise
         rec = self._tx(tx)
-        if rec.replaced_path:
-            files.remove_quietly(self.root / rec.replaced_path)
         outcome = IngestOutcome.REPLACED if rec.was_duplicate else IngestOutcome.STORED
         if rec.job is not None:
             log.info("series complete (expected count reached)", extra=kv(
                 study_uid=meta.study_uid, series_uid=meta.series_uid, version=rec.version,
                 job_id=rec.job.id))
-        return IngestResult(outcome, self._ref(meta, rel), rec.version, rec.job)
+        return IngestResult(outcome, self._ref(meta, rel), rec.version, rec.job), rec.replaced_path
 
     def reconcile(self) -> ReconcileReport:
         """Make rows and files agree after a crash (run before receiving).
@@ -292,6 +298,7 @@ class Store:
                                        instances.c.file_missing))
             return {r.path: (r.sop_instance_uid, bool(r.file_missing)) for r in rows}
         known = self._read(load)
+        by_uid = {uid: path for path, (uid, _) in known.items()}
         seen: set[str] = set()
         indexed: list[Path] = []
         unreadable: list[Path] = []
@@ -323,7 +330,18 @@ class Store:
                     log.warning("cannot index stored file", extra=kv(path=str(p), error=str(exc)))
                     unreadable.append(p)
                     continue
-                self._record(meta, rel, p.stat().st_size)
+                row_path = by_uid.get(meta.sop_instance_uid)
+                if row_path is not None and (self.root / row_path).exists():
+                    # A copy left behind when the instance was re-sent under other
+                    # study/series UIDs: the row's newer file wins.
+                    log.warning("stale copy of an instance stored elsewhere", extra=kv(
+                        path=str(p), sop_instance_uid=meta.sop_instance_uid,
+                        current=row_path))
+                    unreadable.append(p)
+                    continue
+                _, replaced = self._record(meta, rel, p.stat().st_size)
+                if replaced:  # an older copy of this instance under other UIDs' folders
+                    files.remove_quietly(self.root / replaced)
                 indexed.append(p)
         missing = [uid for rel, (uid, flagged) in known.items() if rel not in seen and not flagged]
         restored = [uid for rel, (uid, flagged) in known.items() if rel in seen and flagged]

@@ -138,3 +138,22 @@ def test_reconcile_indexes_orphans_flags_missing_removes_temp(tmp_path: Path,
         # Idempotent: nothing new the second time.
         again = store.reconcile()
         assert again.indexed == () and again.missing == ()
+
+
+def test_resent_under_other_series_moves_and_stale_copy_is_not_indexed(
+        tmp_path: Path, clock: Clock) -> None:
+    with _store(tmp_path, clock) as store:
+        sop = generate_uid()
+        a = _ingest(store, make_instance(tmp_path / "a.dcm", sop_uid=sop, study_uid="1.2.3",
+                                         series_uid="1.2.3.1"))
+        b = _ingest(store, make_instance(tmp_path / "b.dcm", sop_uid=sop, study_uid="1.2.3",
+                                         series_uid="1.2.3.2"))
+        assert b.outcome is IngestOutcome.REPLACED
+        assert not a.instance.path.exists() and b.instance.path.exists()
+        assert store.series_instances("1.2.3.1") == []
+        # A crash before the old copy was removed leaves it behind: not re-indexed.
+        a.instance.path.write_bytes((tmp_path / "a.dcm").read_bytes())
+        report = store.reconcile()
+        assert report.indexed == () and report.unreadable == (a.instance.path,)
+        (ref,) = store.series_instances("1.2.3.2")
+        assert ref.sop_instance_uid == sop
