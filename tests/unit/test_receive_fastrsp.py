@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
 
-from dicomnode.receive.fastrsp import _plain_store_rsp, encode_store_rsp
+from dicomnode.receive.fastrsp import _plain_store_rsp, encode_store_rsp, p_data_tf
 
 
 @pytest.mark.parametrize("status", [0x0000, 0xA700, 0xA900, 0xC210, 0xC2FF, 0xB000])
@@ -27,6 +28,9 @@ def test_same_bytes_as_pynetdicom(status: int, cls: str, inst: str) -> None:
     assert ctx == 1 and pdv[:1] == b"\x03"
     assert _plain_store_rsp(rsp) == (cls, inst, 7, status)
     assert encode_store_rsp(cls, inst, 7, status) == pdv[1:]
+    pdu = P_DATA_TF()
+    pdu.from_primitive(pdata)
+    assert p_data_tf(1, pdv[1:]) == pdu.encode()
 
 
 def test_error_details_take_pynetdicom_path() -> None:
