@@ -224,6 +224,23 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
 
 
+def _mark_version(ds: Any, version: int) -> None:
+    """Results of a later series version say so in their Series Description
+    (``... (ct-tissue 1.0.0) v2``), so the newest is obvious in a PACS series list
+    where the older results stay (nothing is deleted)."""
+    if version <= 1:
+        return
+    suffix = f" v{version}"
+    text = str(ds.get("SeriesDescription", "") or "")
+    if len(text) + len(suffix) > 64:  # LO: 64 characters; keep "(model version)"
+        cut = text.rfind(" (")
+        head, tail = (text[:cut], text[cut:]) if cut > 0 else (text, "")
+        room = 64 - len(suffix) - len(tail) - 1
+        text = (head[:room].rstrip() + "~" + tail if room >= 8
+                else text[:64 - len(suffix)].rstrip())
+    ds.SeriesDescription = text + suffix
+
+
 def _kind(ds: Any) -> str:
     return {"SEG": "seg", "SR": "sr"}.get(str(ds.get("Modality", "")), "sc")
 
@@ -386,6 +403,8 @@ class Pipeline:
             hb.check()
             with _timed(timings, "encode"):
                 datasets = encode_results(result, headers.get(), formats, options)
+                for ds in datasets:
+                    _mark_version(ds, job.series_version)
             with _timed(timings, "write"):
                 for ds in datasets:
                     kind = _kind(ds)

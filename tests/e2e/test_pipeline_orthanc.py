@@ -108,6 +108,12 @@ def test_ct_round_trip_and_late_instance_replaces(tmp_path: Path) -> None:
             # Version 2's objects are distinct (new series) and cover the late slice.
             seg1, seg2 = pydicom.dcmread(files1["seg"]), pydicom.dcmread(files2["seg"])
             assert seg1.SeriesInstanceUID != seg2.SeriesInstanceUID
+            # The newest says so in the PACS series list (the old results stay).
+            sr1, sr2 = pydicom.dcmread(files1["sr"]), pydicom.dcmread(files2["sr"])
+            for old, new in ((seg1, seg2), (sr1, sr2)):
+                assert new.SeriesDescription.endswith("(ct-tissue 1.0.0) v2"), new
+                assert not old.SeriesDescription.endswith(" v2")
+                assert new.SeriesNumber == old.SeriesNumber
             refs1 = {r.ReferencedSOPInstanceUID for s in seg1.ReferencedSeriesSequence
                      for r in s.ReferencedInstanceSequence}
             refs2 = {r.ReferencedSOPInstanceUID for s in seg2.ReferencedSeriesSequence

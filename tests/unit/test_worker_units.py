@@ -112,3 +112,26 @@ def test_children_log_like_the_parent(tmp_path: Path) -> None:
         for h in saved[0]:
             root.addHandler(h)
         root.setLevel(saved[1])
+
+
+def test_later_versions_are_marked_in_the_description() -> None:
+    from dicomnode.worker import _mark_version
+
+    ds = Dataset()
+    ds.SeriesDescription = "AI brain mask (deepbet-brain 1.0.2-onnx.1)"
+    _mark_version(ds, 1)
+    assert ds.SeriesDescription == "AI brain mask (deepbet-brain 1.0.2-onnx.1)"
+    _mark_version(ds, 3)
+    assert ds.SeriesDescription == "AI brain mask (deepbet-brain 1.0.2-onnx.1) v3"
+    # Too long for LO: the subject is shortened, the model identity kept.
+    ds.SeriesDescription = "Rule-based Body, Bone, Air inside body mask (ct-tissue 1.0.0)"
+    _mark_version(ds, 2)  # 61 + 3 characters: fits
+    assert ds.SeriesDescription.endswith("body mask (ct-tissue 1.0.0) v2")
+    ds.SeriesDescription = "Rule-based Body, Bone, Air inside body mask (ct-tissue 1.0.0)"
+    _mark_version(ds, 10)  # 61 + 4: the subject gives way
+    assert ds.SeriesDescription == ("Rule-based Body, Bone, Air inside body ma~"
+                                    " (ct-tissue 1.0.0) v10")
+    assert len(ds.SeriesDescription) <= 64
+    ds.SeriesDescription = "x" * 64
+    _mark_version(ds, 12)
+    assert ds.SeriesDescription == "x" * 59 + "~ v12"
