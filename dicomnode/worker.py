@@ -38,10 +38,11 @@ A late instance after completion creates series version N+1 and its job; the
 store marks the older job ``superseded``. The results of version N+1 carry
 UIDs derived from the version, so they are *new* objects: a new SEG / SR
 Series Instance UID in the same study. Nothing is deleted in the PACS (C-STORE
-cannot delete, and a radiologist may have read the old result); the newest is
-the one with the later Series Date/Time and the higher version in the job
-list. A job superseded while it ran finishes ``superseded`` and queues no
-deliveries, so an outdated result is never sent after the newer one.
+cannot delete, and a radiologist may have read the old result); the newest
+says so: its Series Description ends in `` vN`` (N = the series version, for
+N > 1), same Series Number, later Series Date/Time. A job superseded while it
+ran finishes ``superseded`` and queues no deliveries, so an outdated result is
+never sent after the newer one.
 
 Routing without rules
 ---------------------
