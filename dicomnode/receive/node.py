@@ -89,8 +89,12 @@ def _freeze_heap() -> None:
     gc.freeze()
 
 
-def _receiver_main(settings: Settings, index: int) -> None:
-    """Entry point of an extra receiving process (spawned, so it starts clean)."""
+def _receiver_main(settings: Settings, index: int, parent_pid: int) -> None:
+    """Entry point of an extra receiving process (spawned, so it starts clean).
+
+    It stops on SIGTERM/SIGINT, and on its own when the node process is gone
+    (killed with -9): an orphan must not keep answering on the node's port.
+    """
     setup_logging(settings.logging.level, settings.logging.json, settings.logging.file)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -101,7 +105,9 @@ def _receiver_main(settings: Settings, index: int) -> None:
     _freeze_heap()
     log.info("receiver process listening", extra=kv(receiver=index, pid=os.getpid()))
     while not stop.wait(0.5):
-        pass
+        if os.getppid() != parent_pid:
+            log.error("node process gone; receiver stopping", extra=kv(receiver=index))
+            break
     scp.stop()
     store.close()
 
@@ -118,7 +124,7 @@ class ReceiverProcesses:
         self._procs: list[Any] = []
 
     def _spawn(self, index: int) -> Any:
-        p = self._ctx.Process(target=_receiver_main, args=(self.settings, index),
+        p = self._ctx.Process(target=_receiver_main, args=(self.settings, index, os.getpid()),
                               name=f"dicomnode-receiver-{index}", daemon=True)
         p.start()
         return p

@@ -73,3 +73,15 @@ def test_kill9_mid_series_loses_nothing_acknowledged(tmp_path: Path) -> None:
     finally:
         assert node.stop() == 0
     assert "store reconciled with database" in node.log()
+
+
+def test_receivers_stop_when_the_node_is_killed(tmp_path: Path) -> None:
+    import psutil
+
+    node = start_node(tmp_path / "node", node={"receivers": 2})
+    kids = psutil.Process(node.process.pid).children(recursive=True)
+    receivers = [k for k in kids if "spawn" in " ".join(k.cmdline())]
+    assert receivers
+    node.kill9()
+    gone, alive = psutil.wait_procs(receivers, timeout=15)
+    assert not alive, "an orphaned receiver kept the node's port"
