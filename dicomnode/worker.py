@@ -246,6 +246,19 @@ def _kind(ds: Any) -> str:
     return {"SEG": "seg", "SR": "sr"}.get(str(ds.get("Modality", "")), "sc")
 
 
+def _frame_count(refs: Sequence[InstanceRef], header: Any) -> int:
+    """Frames in the series: instances, times NumberOfFrames for multi-frame objects.
+
+    Manifests state a minimum number of slices; an enhanced multi-frame series
+    is one instance holding all of them, so counting instances would refuse it.
+    """
+    try:
+        frames = int(getattr(header, "NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    return len(refs) * max(frames, 1)
+
+
 def _text(ds: Any, keyword: str) -> str:
     v = ds.get(keyword, "")
     return "" if v is None else str(v).strip()
@@ -291,7 +304,7 @@ class Pipeline:
         ds = representative(refs)
         if self.table.rules:
             return self.table.match(ds, sref.calling_aet, sref.called_aet), ds
-        return self._embedded_default(ds, len(refs)), ds
+        return self._embedded_default(ds, _frame_count(refs, ds)), ds
 
     def _embedded_default(self, ds: Any, n: int) -> RouteDecision:
         models = tuple(self.registry.applicable(_text(ds, "Modality"),
@@ -386,7 +399,7 @@ class Pipeline:
         for name in decision.models:
             ok, why = self.registry.manifest(name).applies_to(
                 _text(header, "Modality"), _text(header, "BodyPartExamined"),
-                _text(header, "SeriesDescription"), len(refs))
+                _text(header, "SeriesDescription"), _frame_count(refs, header))
             if not ok:
                 raise ModelError(f"{name} does not apply to this series: {why}")
         with _timed(timings, "load"):

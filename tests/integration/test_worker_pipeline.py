@@ -411,3 +411,19 @@ def test_two_workers_share_the_queue_without_double_work(tmp_path: Path, pacs: O
     with Store.open(settings) as store:
         assert {store.get_job(i).attempts for i in ids} == {1}
         assert len(store.list_deliveries(limit=1000)) == 6 * 4
+
+
+@pytest.mark.parametrize("routes", [[CT_RULE], []], ids=["rule", "embedded-default"])
+def test_enhanced_multiframe_series_counts_frames_not_instances(
+        tmp_path: Path, pacs: Orthanc, routes: list[dict]) -> None:
+    """One enhanced instance holding 20 frames passes the manifest's minimum slice count."""
+    fx = cranium_ct_series(enhanced=True, k_range=(40, 60))
+    assert len(fx.paths) == 1
+    with _open(tmp_path, pacs.dicom_port, pacs.aet, routes) as store:
+        job_id = _job(store, fx)
+        report = Worker(store.settings, store).poll_once()
+        assert report is not None and report.state is JobState.DONE, store.get_job(job_id)
+        assert {o.kind for o in report.outputs} == {"seg", "sr"}
+        for o in report.outputs:
+            res = dciodvfy(o.path)
+            assert not res.errors, res.output
