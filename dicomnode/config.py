@@ -32,7 +32,9 @@ _AET_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
 
 def _check_aet(key: str, value: str) -> None:
     if not value.strip() or not _AET_RE.match(value) or "\\" in value:
-        raise ConfigError(f"{key}: {value!r} is not a valid AE title (1-16 printable ASCII, no backslash)")
+        raise ConfigError(
+            f"{key}: {value!r} is not a valid AE title (1-16 printable ASCII, no backslash)"
+        )
 
 
 @dataclass(frozen=True)
@@ -117,8 +119,14 @@ class WorkerConfig:
     max_attempts: int = 5
     backoff_base_seconds: float = 5.0
     backoff_max_seconds: float = 600.0
+    # A job running longer than this is failed as transient (retried with backoff up
+    # to max_attempts) and its worker process restarted: a hung model must not hold
+    # a lease forever. 0 disables the limit.
+    job_timeout_seconds: float = 3600.0
 
     def validate(self) -> None:
+        if self.job_timeout_seconds < 0:
+            raise ConfigError("worker.job_timeout_seconds: must be >= 0 (0 = no limit)")
         if self.processes < 0:
             raise ConfigError("worker.processes: must be >= 0 (0 = no worker in serve)")
         if self.lease_seconds <= 0:
@@ -268,8 +276,9 @@ def _convert(key: str, tp: Any, value: Any) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
+        truthy, falsy = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+        if isinstance(value, str) and value.lower() in truthy + falsy:
+            return value.lower() in truthy
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp is int:
         if isinstance(value, bool):

@@ -63,7 +63,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,16 +161,24 @@ class _Heartbeat:
     ``worker.lease_seconds``.
     """
 
-    def __init__(self, store: Store, job_id: int, worker_id: str, lease: float) -> None:
+    def __init__(self, store: Store, job_id: int, worker_id: str, lease: float,
+                 timeout: float = 0.0, on_timeout: Callable[[], None] | None = None) -> None:
         self.store, self.job_id, self.worker_id, self.lease = store, job_id, worker_id, lease
-        self.interval = max(0.2, min(30.0, lease / 4))
+        self.timeout = timeout
+        self.on_timeout = on_timeout
+        self.interval = max(0.2, min(30.0, lease / 4, timeout / 4 if timeout else 30.0))
         self.lost = threading.Event()
+        self.timed_out = threading.Event()
+        self._started = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}",
                                         daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
+            if self.timeout and time.monotonic() - self._started > self.timeout:
+                self._expire()
+                return
             try:
                 if not self.store.heartbeat(self.job_id, self.worker_id, self.lease):
                     log.warning("job lease lost (cancelled or reclaimed)", extra=kv(
@@ -180,7 +188,26 @@ class _Heartbeat:
             except Exception:  # noqa: BLE001 - the next beat retries; the lease has slack
                 log.exception("heartbeat failed", extra=kv(job_id=self.job_id))
 
+    def _expire(self) -> None:
+        """The job ran past ``worker.job_timeout_seconds``: fail it (transient) and stop."""
+        reason = (f"timed out after {self.timeout:g} s (worker.job_timeout_seconds); "
+                  "the worker process was restarted")
+        log.error("job timed out", extra=kv(job_id=self.job_id, worker=self.worker_id,
+                                            timeout_s=self.timeout))
+        try:
+            self.store.fail_job(self.job_id, self.worker_id, reason, transient=True)
+        except Exception:  # noqa: BLE001 - the lease expires anyway; another worker reclaims
+            log.exception("recording the timeout failed", extra=kv(job_id=self.job_id))
+        self.timed_out.set()
+        self.lost.set()
+        if self.on_timeout is not None:
+            # A model stuck in native code cannot be interrupted from Python: the
+            # worker process exits and the node's supervisor starts a fresh one.
+            self.on_timeout()
+
     def check(self) -> None:
+        if self.timed_out.is_set():
+            raise LeaseLost(f"job {self.job_id}: timed out after {self.timeout:g} s")
         if self.lost.is_set():
             raise LeaseLost(f"job {self.job_id}: lease lost (cancelled or reclaimed)")
 
@@ -287,11 +314,15 @@ class Pipeline:
         ``settings.models`` (models load lazily, then stay warm).
     """
 
-    def __init__(self, settings: Settings, store: Store, registry: Any | None = None) -> None:
+    def __init__(self, settings: Settings, store: Store, registry: Any | None = None,
+                 on_timeout: Callable[[], None] | None = None) -> None:
         from dicomnode.infer import ModelRegistry
 
         self.settings = settings
         self.store = store
+        # Called (from the heartbeat thread) when a job passes worker.job_timeout_seconds;
+        # worker processes exit there so that a hung model does not keep running.
+        self.on_timeout = on_timeout
         self.registry = registry if registry is not None else ModelRegistry(
             settings.models.path, settings.models.enabled, settings.models.threads)
         self.table = RoutingTable.from_settings(settings, self.registry.names())
@@ -321,7 +352,8 @@ class Pipeline:
         lease = self.settings.worker.lease_seconds
         t0 = time.perf_counter()
         try:
-            with _Heartbeat(self.store, job.id, worker_id, lease) as hb:
+            with _Heartbeat(self.store, job.id, worker_id, lease,
+                            self.settings.worker.job_timeout_seconds, self.on_timeout) as hb:
                 outputs, deliveries = self._run(job, report, hb)
                 hb.check()
                 with _timed(timings, "finish"):
@@ -753,6 +785,7 @@ def worker_main(settings: Settings, index: int) -> None:
     store = Store.open(settings)
     try:
         worker = Worker(settings, store, worker_id=worker_identity("worker", index))
+        worker.pipeline.on_timeout = lambda: os._exit(3)
         log.info("worker process ready", extra=kv(worker=worker.worker_id,
                                                   models=",".join(worker.pipeline.registry.names())))
         worker.run(stop)

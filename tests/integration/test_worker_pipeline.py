@@ -427,3 +427,38 @@ def test_enhanced_multiframe_series_counts_frames_not_instances(
         for o in report.outputs:
             res = dciodvfy(o.path)
             assert not res.errors, res.output
+
+
+class _HungModelRegistry:
+    """The real registry, but every model run first blocks (a hung model)."""
+
+    def __init__(self, inner: object, hang_s: float) -> None:
+        self._inner, self._hang_s = inner, hang_s
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def run(self, name: str, volume: object) -> object:
+        time.sleep(self._hang_s)
+        return self._inner.run(name, volume)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("max_attempts,expected", [(1, JobState.FAILED), (3, JobState.PENDING)])
+def test_job_past_its_time_limit_fails_and_restarts_the_worker(
+        tmp_path: Path, pacs: Orthanc, ct_small, max_attempts: int, expected: JobState) -> None:
+    with _open(tmp_path, pacs.dicom_port, pacs.aet, [CT_RULE],
+               worker={"job_timeout_seconds": 0.8, "max_attempts": max_attempts}) as store:
+        job_id = _job(store, ct_small)
+        fired = threading.Event()
+        plain = Pipeline(store.settings, store)
+        pipeline = Pipeline(store.settings, store, registry=_HungModelRegistry(plain.registry, 3.0),
+                            on_timeout=fired.set)
+        job = store.claim_job("w1")
+        assert job is not None
+        report = pipeline.process(job, "w1")
+        assert fired.is_set()  # a worker process would exit here and be restarted
+        after = store.get_job(job_id)
+        assert after.state is expected, after
+        assert "timed out after 0.8 s" in (after.last_error or "")
+        assert report.state is expected
+        assert not store.list_deliveries(job_id=job_id)  # nothing half-done was queued
