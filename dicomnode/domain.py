@@ -57,7 +57,7 @@ class SeriesRef:
     called_aet: str = ""
 
 
-class JobState(str, enum.Enum):
+class JobState(str, enum.Enum):  # noqa: UP042 - str() semantics relied upon
     PENDING = "pending"
     RUNNING = "running"
     DONE = "done"
@@ -83,7 +83,7 @@ class Job:
     updated_at: datetime | None = None
 
 
-class DeliveryState(str, enum.Enum):
+class DeliveryState(str, enum.Enum):  # noqa: UP042
     PENDING = "pending"
     SENDING = "sending"
     DONE = "done"

@@ -197,7 +197,9 @@ def dcentvfy(*paths: Path | str) -> DciodvfyResult:
     return DciodvfyResult(Path(paths[0]) if paths else Path("."), errors, warnings, out)
 
 
-def dcmtk(tool: str, *args: str, timeout: float = 300.0, check: bool = False) -> subprocess.CompletedProcess[str]:
+def dcmtk(
+    tool: str, *args: str, timeout: float = 300.0, check: bool = False
+) -> subprocess.CompletedProcess[str]:
     """Run a DCMTK tool from /usr/bin with TCP_NODELAY=1."""
     return subprocess.run([f"/usr/bin/{tool}", *args], capture_output=True, text=True,
                           timeout=timeout, env=DCMTK_ENV, check=check)

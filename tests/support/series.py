@@ -22,11 +22,11 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     MRImageStorage,
-    PYDICOM_IMPLEMENTATION_UID,
-    UID,
     generate_uid,
 )
 
@@ -111,7 +111,8 @@ def write_series(
     study_uid = study_uid or generate_uid()
     series_uid = series_uid or generate_uid()
     for_uid = frame_of_reference_uid or generate_uid()
-    intercept = (-1024.0 if modality == "CT" else 0.0) if rescale_intercept is None else rescale_intercept
+    default_intercept = -1024.0 if modality == "CT" else 0.0
+    intercept = default_intercept if rescale_intercept is None else rescale_intercept
     stored = np.rint((array.astype(np.float64) - intercept) / rescale_slope)
     signed = bool(stored.min() < 0)
     if signed:
