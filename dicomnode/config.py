@@ -329,7 +329,7 @@ def _build(prefix: str, cls: Any, data: Any) -> Any:
         for n, f in fields.items()
         if n not in kwargs
         and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         raise ConfigError(f"{prefix + '.' if prefix else ''}{missing[0]}: required key is missing")
