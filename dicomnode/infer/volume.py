@@ -364,14 +364,24 @@ def _pixels(path: Path, ds: Any, n_frames: int) -> np.ndarray:
     ts = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", ""))
     bits = int(ds.get("BitsAllocated", 16))
     try:
+        stored = int(ds.get("BitsStored", bits) or bits)
         if (ts in _NATIVE_LE and "PixelData" in ds and bits in (8, 16)
-                and int(ds.get("BitsStored", bits)) == bits):
-            # Uncompressed little endian with no unused high bits: the bytes are the array.
+                and 1 <= stored <= bits):
+            # Uncompressed little endian: the bytes are the array.
             dtype = np.dtype(f"{'i' if int(ds.PixelRepresentation) else 'u'}{bits // 8}")
             rows, cols = int(ds.Rows), int(ds.Columns)
             count = n_frames * rows * cols
-            return np.frombuffer(ds.PixelData, dtype=dtype, count=count).reshape(
+            arr = np.frombuffer(ds.PixelData, dtype=dtype, count=count).reshape(
                 n_frames, rows, cols)
+            if stored < bits:
+                # 12 bits stored in 16 (most CT): the unused high bits may hold
+                # anything (PS3.5 8.1.1). Shift them out and back in, exactly as
+                # pydicom's decoder does: a logical shift masks unsigned values,
+                # an arithmetic one sign-extends signed ones.
+                shift = bits - stored
+                arr = np.left_shift(arr, shift)
+                np.right_shift(arr, shift, out=arr)
+            return arr
         if isinstance(ds, _FastDataset):  # unusual bit layout: let pydicom decode it
             ds = pydicom.dcmread(path)
         pixels = ds.pixel_array
