@@ -328,6 +328,34 @@ class Pipeline:
         self.table = RoutingTable.from_settings(settings, self.registry.names())
         self._dests = {d.name: d for d in settings.destinations}
 
+    # -- start-up
+
+    def warm_up(self) -> None:
+        """One-time costs of the first job, paid at start instead (call from a thread).
+
+        Importing the encoders (highdicom: ~0.7 s) and loading highdicom's
+        tables of the standard (~0.4 s), and importing the model runtimes the
+        enabled models use. Models themselves still load on first use (their
+        sessions hold memory; ``model loaded`` is logged then).
+        """
+        t0 = time.perf_counter()
+        try:
+            import dicomnode.encode.fastwrite
+            import dicomnode.encode.seg
+            import dicomnode.encode.sr
+            import dicomnode.infer.volume  # noqa: F401
+            from dicomnode.encode import common as encode_common
+
+            encode_common.warm_up()
+            backends = {self.registry.manifest(n).backend for n in self.registry.names()}
+            if "onnx" in backends:
+                import onnxruntime  # noqa: F401
+        except Exception:  # noqa: BLE001 - only a speed-up: the job reports real errors
+            log.warning("worker warm-up failed (the first job pays the start-up costs)",
+                        exc_info=True)
+            return
+        log.info("worker warmed up", extra=kv(seconds=round(time.perf_counter() - t0, 3)))
+
     # -- routing
 
     def route(self, refs: Sequence[InstanceRef], sref: SeriesRef) -> tuple[RouteDecision, Any]:
@@ -399,6 +427,7 @@ class Pipeline:
     def _run(self, job: Job, report: JobReport,
              hb: _Heartbeat) -> tuple[list[OutputObject], list[NewDelivery]]:
         from dicomnode.encode import EncodeOptions, encode_results, load_sources
+        from dicomnode.encode.fastwrite import to_part10
         from dicomnode.infer import load_volume
 
         timings = report.timings
@@ -454,8 +483,12 @@ class Pipeline:
             with _timed(timings, "write"):
                 for ds in datasets:
                     kind = _kind(ds)
+                    # The Part 10 bytes pydicom would write, serialised here ~3x
+                    # faster (a 300-slice SEG: 0.2 s instead of 0.6 s); the store
+                    # still writes them (atomic, fsynced) as for any dataset.
                     out = self.store.write_output(job.id, str(ds.SOPInstanceUID),
-                                                  str(ds.SOPClassUID), ds, kind=kind)
+                                                  str(ds.SOPClassUID), to_part10(ds),
+                                                  kind=kind)
                     outputs.append(out)
                     for target in decision.send:
                         if kind in target.formats:
@@ -786,6 +819,8 @@ def worker_main(settings: Settings, index: int) -> None:
     try:
         worker = Worker(settings, store, worker_id=worker_identity("worker", index))
         worker.pipeline.on_timeout = lambda: os._exit(3)
+        # Beside the loop, not before it: a job due now need not wait for it.
+        threading.Thread(target=worker.pipeline.warm_up, name="warm-up", daemon=True).start()
         log.info("worker process ready", extra=kv(worker=worker.worker_id,
                                                   models=",".join(worker.pipeline.registry.names())))
         worker.run(stop)

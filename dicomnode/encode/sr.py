@@ -203,8 +203,9 @@ def encode_sr(
     if seg_out is not None:
         for i, lab in enumerate(seg_out.labels):
             given = [m for m in result.measurements if m.label_value == lab.value]
-            if options.compute_measurements:
-                names = {m.name for m in given}
+            names = {m.name for m in given}
+            if options.compute_measurements and not {"volume", "mean"} <= names:
+                # Only what the model did not report (both need a pass over the mask).
                 given += [m for m in computed_measurements(result, i) if m.name not in names]
             common = dict(
                 tracking_identifier=hd.sr.TrackingIdentifier(
