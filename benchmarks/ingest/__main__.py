@@ -107,12 +107,13 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def start_node(work: Path, receivers: int) -> Running:
+def start_node(work: Path, receivers: int, fsync: bool = True,
+               src: Path | None = None) -> Running:
     port = free_port()
     cfg = {
         "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port,
                  "receivers": receivers, "max_pdu": 0},
-        "storage": {"path": str(work / "storage"), "min_free_mb": 0, "fsync": True},
+        "storage": {"path": str(work / "storage"), "min_free_mb": 0, "fsync": fsync},
         "database": {"url": f"sqlite:///{work / 'dicomnode.db'}"},
         "completion": {"series_quiet_seconds": 60},
         "worker": {"processes": 0},
@@ -120,6 +121,8 @@ def start_node(work: Path, receivers: int) -> Running:
     }
     (work / "node.json").write_text(json.dumps(cfg))  # JSON is YAML
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMNODE_")}
+    if src is not None:  # another version's package (before/after comparisons)
+        env["PYTHONPATH"] = str(src)
     log = open(work / "node.log", "wb")  # noqa: SIM115 - owned by the process
     proc = subprocess.Popen([sys.executable, "-m", "dicomnode", "--config",
                              str(work / "node.json"), "serve", "--no-worker"],
@@ -226,6 +229,14 @@ def run(args: argparse.Namespace) -> int:
     systems: dict[str, Callable[[Path], Running]] = {}
     for r in args.receivers:
         systems[f"node-r{r}"] = lambda w, r=r: start_node(w, r)  # type: ignore[misc]
+    if args.nofsync:
+        # Diagnostic only (breaks the durability contract): what durability costs.
+        for r in args.receivers:
+            systems[f"nofsync-r{r}"] = lambda w, r=r: start_node(w, r, False)  # type: ignore[misc]
+    if args.base_src:
+        for r in args.receivers:
+            systems[f"base-r{r}"] = lambda w, r=r: start_node(  # type: ignore[misc]
+                w, r, True, args.base_src)
     systems["storescp"] = start_storescp
     systems["orthanc"] = start_orthanc_
     if args.only:
@@ -252,7 +263,8 @@ def run(args: argparse.Namespace) -> int:
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
                 times.setdefault((name, scen), []).append(wall)
-                cpu_s = f", receiver CPU {cpu:.2f} s" if name.startswith("node") else ""
+                node = name.startswith(("node", "nofsync", "base"))
+                cpu_s = f", receiver CPU {cpu:.2f} s" if node else ""
                 print(f"  run {rep + 1}/{args.repeat} {name:<9} {scen}: {wall:.2f} s{cpu_s}",
                       flush=True)
     print()
@@ -265,8 +277,8 @@ def run(args: argparse.Namespace) -> int:
         med = {name: statistics.median(times[(name, scen)]) for name in systems}
         for name in systems:
             t = med[name]
-            r = (f"{statistics.median(rss[(name, scen)]):.0f}" if name.startswith("node")
-                 else "-")
+            node = name.startswith(("node", "nofsync", "base"))
+            r = f"{statistics.median(rss[(name, scen)]):.0f}" if node else "-"
             vs_o = f"{med['orthanc'] / t:.2f}" if "orthanc" in med else "-"
             vs_d = f"{med['storescp'] / t:.2f}" if "storescp" in med else "-"
             print(f"  {name:<10} {t:>7.2f} {n / t:>7.0f} {nbytes / 1e6 / t:>7.1f} {r:>12} "
@@ -284,6 +296,12 @@ def main() -> int:
                    default=[1, 2, 3], help="node.receivers variants (default 1,2,3)")
     p.add_argument("--only", type=lambda s: s.split(","), default=None,
                    help="comma-separated system name prefixes (node, storescp, orthanc)")
+    p.add_argument("--nofsync", action="store_true",
+                   help="also run the node with storage.fsync off (diagnostic: what durability "
+                        "costs; not a valid configuration for a clinical node)")
+    p.add_argument("--base-src", type=Path, default=None,
+                   help="folder holding another version's dicomnode package (e.g. from "
+                        "`git archive <rev> dicomnode | tar -x -C DIR`): also measured, as base-rN")
     p.add_argument("--workdir", default=None, help="where receivers write (default: $TMPDIR)")
     return run(p.parse_args())
 

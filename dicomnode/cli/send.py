@@ -152,6 +152,8 @@ def _send_batch(batch: list[_File], result: SendResult, bar: _Progress, host: st
                 called_aet: str, calling_aet: str, max_pdu: int, timeout: float) -> None:
     from pynetdicom import AE
 
+    from dicomnode.dispatch import guard_reactor_race
+
     ae = AE(ae_title=calling_aet)
     ae.maximum_pdu_size = max_pdu
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
@@ -175,6 +177,8 @@ def _send_batch(batch: list[_File], result: SendResult, bar: _Progress, host: st
             result.failed.append((f.path, f.sop_instance_uid, why))
             bar.step(False)
         return
+    # pynetdicom's reactor can take a fast peer's C-STORE-RSP (see its docstring).
+    guard_reactor_race(assoc)
     try:
         assoc.dul.socket.socket.setsockopt(  # type: ignore[union-attr]
         socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -27,6 +27,7 @@ from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 
 from dicomnode.config import Settings, load_settings
+from dicomnode.dispatch import guard_reactor_race
 from tests.support.peers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -185,6 +186,8 @@ def store_files(port: int, paths: Sequence[Path], *, called_aet: str = "DICOMNOD
     if not assoc.is_established:
         return [(p, None) for p in paths]
     _tcp_nodelay(assoc)
+    # pynetdicom's reactor can take a fast peer's C-STORE-RSP (see its docstring).
+    guard_reactor_race(assoc)
     out: list[tuple[Path, int | None]] = []
     # Send the encoded dataset exactly as in the file (no decode/re-encode).
     chunked = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
