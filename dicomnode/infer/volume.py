@@ -276,6 +276,7 @@ _FAST_TAGS: dict[str, tuple[int, str]] = {
 }
 _FAST_FALLBACK = frozenset({0x52009229, 0x52009230, 0x7FE00008, 0x7FE00009})  # -> pydicom
 _WANT = frozenset(t for t, _ in _FAST_TAGS.values()) | _FAST_FALLBACK
+_WANT_HEADER = _WANT - {0x7FE00010}  # pixels: a view of the file's bytes, not a copy
 _FAST_MAX_BYTES = 8 << 20  # a 2048 x 2048 16-bit slice is 8 MiB
 
 
@@ -347,20 +348,57 @@ def _read_fast(path: Path) -> _FastDataset | None:
         ts = meta.get(0x00020010, b"").decode("ascii", "replace").strip("\0 ")
         if ts not in _NATIVE_LE:
             return None
-        values = fastparse.walk(memoryview(data)[meta_end:], explicit=ts != "1.2.840.10008.1.2",
-                                want=_WANT)
+        explicit = ts != "1.2.840.10008.1.2"
+        body = memoryview(data)[meta_end:]
+        values = fastparse.walk(body, explicit=explicit, want=_WANT_HEADER)
+        if any(t in values for t in _FAST_FALLBACK):
+            return None
+        pixels = _trailing_pixel_data(body, values, explicit)
+        if pixels is None:  # not the last element, or an unexpected length: walk for it
+            pixels = fastparse.walk(body, explicit=explicit,
+                                    want=frozenset({0x7FE00010})).get(0x7FE00010)
+            if pixels is None:
+                return None
+        values[0x7FE00010] = pixels
     except (OSError, ValueError, IndexError, fastparse.StructureError):
         return None
-    if any(t in values for t in _FAST_FALLBACK) or 0x7FE00010 not in values:
-        return None
     return _FastDataset(values, ts)
+
+
+def _trailing_pixel_data(body: memoryview, values: dict[int, Any],
+                         explicit: bool) -> memoryview | None:
+    """Pixel Data as a view of the file's bytes when it is the last element (the usual
+    case), found from its expected length: no copy of a slice's pixels."""
+    try:
+        rows = unpack_from("<H", values[0x00280010])[0]
+        cols = unpack_from("<H", values[0x00280011])[0]
+        bits = unpack_from("<H", values[0x00280100])[0]
+        frames_text = values.get(0x00280008, b"1").decode("latin-1").strip("\0 ") or "1"
+        n = rows * cols * int(frames_text) * bits // 8
+    except Exception:  # noqa: BLE001 - any doubt: the walker looks for it instead
+        return None
+    if bits not in (8, 16) or n <= 0:
+        return None
+    length = n + (n & 1)  # odd 8-bit values are padded to an even length
+    head = 12 if explicit else 8
+    start = len(body) - length
+    if start - head < 0:
+        return None
+    hdr = bytes(body[start - head:start])
+    if explicit:
+        ok = (hdr[:4] == b"\xe0\x7f\x10\x00" and hdr[4:6] in (b"OW", b"OB")
+              and hdr[6:8] == b"\x00\x00" and unpack_from("<I", hdr, 8)[0] == length)
+    else:
+        ok = hdr[:4] == b"\xe0\x7f\x10\x00" and unpack_from("<I", hdr, 4)[0] == length
+    return body[start:] if ok else None
 
 
 _NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 
 
-def _pixels(path: Path, ds: Any, n_frames: int) -> np.ndarray:
-    """Stored pixel values (frames, rows, cols) in their integer type, decoded once."""
+def _pixels(path: Path, ds: Any, n_frames: int) -> tuple[np.ndarray, int]:
+    """Stored pixel values (frames, rows, cols) in their integer type, decoded once,
+    and how many unused high bits :func:`_place` must still shift out."""
     ts = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", ""))
     bits = int(ds.get("BitsAllocated", 16))
     try:
@@ -373,22 +411,36 @@ def _pixels(path: Path, ds: Any, n_frames: int) -> np.ndarray:
             count = n_frames * rows * cols
             arr = np.frombuffer(ds.PixelData, dtype=dtype, count=count).reshape(
                 n_frames, rows, cols)
-            if stored < bits:
-                # 12 bits stored in 16 (most CT): the unused high bits may hold
-                # anything (PS3.5 8.1.1). Shift them out and back in, exactly as
-                # pydicom's decoder does: a logical shift masks unsigned values,
-                # an arithmetic one sign-extends signed ones.
-                shift = bits - stored
-                arr = np.left_shift(arr, shift)
-                np.right_shift(arr, shift, out=arr)
-            return arr
+            # 12 bits stored in 16 (most CT): the unused high bits may hold
+            # anything (PS3.5 8.1.1); load_volume shifts them out (see _place).
+            return arr, bits - stored
         if isinstance(ds, _FastDataset):  # unusual bit layout: let pydicom decode it
             ds = pydicom.dcmread(path)
         pixels = ds.pixel_array
     except Exception as exc:  # decoders raise many types (missing plug-in, corrupt data...)
         raise VolumeError(f"{path.name}: pixel data cannot be decoded (transfer syntax {ts}: "
                           f"{exc})") from exc
-    return pixels[None] if pixels.ndim == 2 else pixels
+    return (pixels[None] if pixels.ndim == 2 else pixels), 0
+
+
+def _place(out: np.ndarray, pixels: np.ndarray, shift: int, slope: float, intercept: float,
+           scratch: dict[np.dtype, np.ndarray]) -> None:
+    """``out[:] = stored value * slope + intercept`` for one frame.
+
+    With ``shift`` unused high bits the stored value is first shifted out and
+    back in, exactly as pydicom's decoder does: a logical shift masks unsigned
+    values, an arithmetic one sign-extends signed ones. One scratch frame per
+    dtype is reused, so a series costs no allocation per slice.
+    """
+    if shift:
+        buf = scratch.get(pixels.dtype)
+        if buf is None or buf.shape != pixels.shape:
+            buf = scratch[pixels.dtype] = np.empty(pixels.shape, pixels.dtype)
+        np.left_shift(pixels, shift, out=buf)
+        np.right_shift(buf, shift, out=buf)
+        pixels = buf
+    np.multiply(pixels, np.float32(slope), out=out, casting="unsafe")
+    out += np.float32(intercept)
 
 
 def load_volume(
@@ -423,7 +475,7 @@ def load_volume(
     # One read per file: header and pixels. The decoded pixels are kept in their
     # stored integer type (half the size of float32 for 16-bit data) until the
     # sort order is known, then written once into the float32 volume.
-    raw: dict[Path, np.ndarray] = {}
+    raw: dict[Path, tuple[np.ndarray, int]] = {}
     for path in files:
         ds: Any = _read_fast(path)
         if ds is None:
@@ -453,14 +505,13 @@ def load_volume(
     remaining: dict[Path, int] = {}
     for f in frames:
         remaining[f.path] = remaining.get(f.path, 0) + 1
+    scratch: dict[np.dtype, np.ndarray] = {}
     for k, f in enumerate(frames):
-        pixels = raw[f.path]
+        pixels, shift = raw[f.path]
         if pixels.shape[1:] != (ref.rows, ref.columns):
             raise VolumeError(f"{f.label}: decoded pixels {pixels.shape[1:]} do not match "
                               f"Rows/Columns {ref.rows}x{ref.columns}")
-        out = volume[k]
-        np.multiply(pixels[f.index], np.float32(f.slope), out=out, casting="unsafe")
-        out += np.float32(f.intercept)
+        _place(volume[k], pixels[f.index], shift, f.slope, f.intercept, scratch)
         remaining[f.path] -= 1
         if not remaining[f.path]:
             del raw[f.path]  # release each file's pixels as soon as they are placed

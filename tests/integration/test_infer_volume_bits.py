@@ -44,3 +44,28 @@ def test_unused_high_bits_are_ignored_like_pydicom(tmp_path: Path, signed: bool,
     # (compared as sorted multisets: the loader orders slices by position).
     np.testing.assert_array_equal(np.sort(fast.array.ravel()),
                                   np.sort((stored.ravel() - 1024).astype(np.float32)))
+
+
+def test_pixel_data_found_when_not_last_and_when_padded(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pixel Data is taken as a view of the file's tail when it is the last element;
+    trailing padding after it, or 8-bit data padded to even length, still load right."""
+    arr = np.random.default_rng(3).integers(0, 200, (3, 5, 7)).astype(float)  # 35 px: odd
+    paths = write_series(arr, tmp_path / "s", rescale_slope=1.0, rescale_intercept=0.0)
+    for k, p in enumerate(paths):
+        ds = pydicom.dcmread(p)
+        if k == 0:  # 8 bits allocated: 35 bytes of pixels, padded to 36
+            stored = np.asarray(ds.pixel_array, dtype=np.uint8).tobytes()
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+            ds.PixelRepresentation = 0
+            ds.PixelData = stored + b"\0"
+        if k == 1:  # an element after Pixel Data
+            ds.add_new(0xFFFCFFFC, "OB", b"\0" * 6)
+        ds.save_as(p)
+    for p in paths:
+        assert volmod._read_fast(p) is not None
+    fast = load_volume(paths)
+    monkeypatch.setattr(volmod, "_read_fast", lambda path: None)
+    slow = load_volume(paths)
+    np.testing.assert_array_equal(fast.array, slow.array)
+    np.testing.assert_array_equal(np.sort(fast.array.ravel()), np.sort(arr.ravel()))
