@@ -138,15 +138,17 @@ class _Writer:
             elem = items[tag]
             if not isinstance(elem, DataElement):
                 raise _Fallback  # raw element: pydicom decides how to re-encode it
-            out.append(self.element(elem, encoding))
+            out.append(self.element(elem, encoding, ds))
         return b"".join(out)
 
-    def element(self, elem: DataElement, encoding: Any) -> bytes:
+    def element(self, elem: DataElement, encoding: Any, ds: Dataset) -> bytes:
         vr = elem.VR
-        if vr is None or len(vr) != 2 or vr in _AMBIGUOUS or elem.is_buffered:
-            raise _Fallback
         tag = elem.tag
         undefined = elem.is_undefined_length
+        if vr in _AMBIGUOUS:
+            vr = _pixel_data_vr(elem, ds)
+        if vr is None or len(vr) != 2 or elem.is_buffered:
+            raise _Fallback
         if tag == 0x7FE00010 and undefined:
             raise _Fallback  # encapsulated pixel data
         if elem.is_empty:
@@ -205,6 +207,19 @@ class _Writer:
         """Does the data set's character set encode ASCII text as plain ASCII bytes?"""
         converted = self._converted(encoding)
         return len(converted) == 1 and converted[0] in _ASCII_SAFE
+
+
+def _pixel_data_vr(elem: DataElement, ds: Dataset) -> str:
+    """The VR pydicom's ``correct_ambiguous_vr`` gives native Pixel Data ("OB or OW",
+    as highdicom leaves it); any other ambiguous VR is left to pydicom."""
+    if elem.tag != 0x7FE00010 or elem.is_undefined_length:
+        raise _Fallback
+    if ds.original_encoding[0]:
+        return "OW"  # read as implicit VR: always OW (PS3.5 A.1)
+    bits = ds.get("BitsAllocated")
+    if bits is None:
+        raise _Fallback  # pydicom raises its own error
+    return "OW" if int(bits) > 8 else "OB"
 
 
 def _numbers(value: Any, fmt: str) -> bytes:
