@@ -182,7 +182,8 @@ def start_orthanc_(work: Path) -> Running:
     # Orthanc's DICOM layer is DCMTK: it needs TCP_NODELAY=1 in its environment too.
     os.environ["TCP_NODELAY"] = "1"
     o = start_orthanc(work, aet="ORTHANC", extra={"DicomCheckCalledAet": True})
-    return Running(o.dicom_port, "ORTHANC", o.stop)
+    proc = o.process
+    return Running(o.dicom_port, "ORTHANC", o.stop, lambda: [proc.pid] if proc else [])
 
 
 def _wait_echo(port: int, aet: str, proc: subprocess.Popen[bytes]) -> None:
@@ -263,8 +264,8 @@ def run(args: argparse.Namespace) -> int:
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
                 times.setdefault((name, scen), []).append(wall)
-                node = name.startswith(("node", "nofsync", "base"))
-                cpu_s = f", receiver CPU {cpu:.2f} s" if node else ""
+                # storescp --fork: its children are gone by now, no CPU figure.
+                cpu_s = f", receiver CPU {cpu:.2f} s" if name != "storescp" else ""
                 print(f"  run {rep + 1}/{args.repeat} {name:<9} {scen}: {wall:.2f} s{cpu_s}",
                       flush=True)
     print()

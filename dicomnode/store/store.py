@@ -127,8 +127,6 @@ class Store:
         # Threads for file durability (fsync releases the GIL), see ingest().
         self._io = ThreadPoolExecutor(max_workers=max(4, settings.node.max_associations),
                                       thread_name_prefix="store-io")
-        # Folder fsyncs after renames are shared by concurrent ingests (group commit).
-        self._dir_sync = files.DirSync()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -232,8 +230,7 @@ class Store:
         # leaves a file without a row or a row without a file: reconcile() at the
         # next start indexes the one and flags the other, and the sender, never
         # acknowledged, sends the instance again.
-        durable = self._io.submit(files.commit_temp, tmp, path, fsync=self._fsync,
-                                  dir_sync=self._dir_sync)
+        durable = self._io.submit(files.commit_temp, tmp, path, fsync=self._fsync)
         try:
             result, replaced = self._record(meta, str(rel), size)
         except BaseException:
