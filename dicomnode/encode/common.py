@@ -125,6 +125,7 @@ def _memoize_iod_lookups() -> None:
                       None if exclude_path_elements is None else tuple(exclude_path_elements))
 
     is_attribute_in_iod._dicomnode_cached = True  # type: ignore[attr-defined]
+    is_attribute_in_iod._dicomnode_original = original  # type: ignore[attr-defined]
     is_attribute_in_iod.__doc__ = original.__doc__
     su.is_attribute_in_iod = is_attribute_in_iod
 
