@@ -3,6 +3,7 @@ late instance, ``dicomnode send`` and ``dicomnode studies``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -130,7 +131,15 @@ def test_several_receiving_processes_share_the_port(tmp_path: Path) -> None:
             assert sum(se.instance_count for st in store.studies() for se in st.series) == 30
     finally:
         assert n.stop() == 0
-    assert not any(k.is_running() and k.status() != psutil.STATUS_ZOMBIE for k in kids)
+    # Children exit with the node; multiprocessing's helper (resource tracker)
+    # notices its parent is gone a moment later, so wait for them, then check.
+    _, alive = psutil.wait_procs(kids, timeout=10)
+    left = []
+    for k in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if k.status() != psutil.STATUS_ZOMBIE:
+                left.append(" ".join(k.cmdline()))
+    assert not left
 
 
 def test_node_on_postgresql(tmp_path: Path) -> None:
