@@ -179,6 +179,7 @@ class _Writer:
 
     def value(self, elem: DataElement, vr: str, encoding: Any) -> bytes:
         v = elem.value
+        fn: Any
         fn, param = writers[vr]  # type: ignore[index]
         # The common cases, inline, exactly as the pydicom writer named beside each.
         if fn is write_UI or fn is write_string:  # single-byte ASCII text, padded

@@ -290,7 +290,7 @@ class _FastDataset:
     other transfer syntaxes, any parsing doubt) goes to pydicom.
     """
 
-    def __init__(self, values: dict[int, bytes], transfer_syntax: str):
+    def __init__(self, values: dict[int, bytes | memoryview], transfer_syntax: str):
         self._v = values
         self.file_meta = {"TransferSyntaxUID": transfer_syntax}
 
@@ -303,7 +303,7 @@ class _FastDataset:
             return raw
         if kind == "u":
             return unpack_from("<H", raw)[0] if len(raw) >= 2 else None
-        text = raw.decode("latin-1").strip("\0 ")
+        text = bytes(raw).decode("latin-1").strip("\0 ")
         if not text:
             return None
         parts = [p.strip() for p in text.split("\\")]
@@ -351,10 +351,11 @@ def _read_fast(path: Path) -> _FastDataset | None:
             return None
         explicit = ts != "1.2.840.10008.1.2"
         body = memoryview(data)[meta_end:]
-        values = fastparse.walk(body, explicit=explicit, want=_WANT_HEADER)
+        values: dict[int, bytes | memoryview] = dict(
+            fastparse.walk(body, explicit=explicit, want=_WANT_HEADER))
         if any(t in values for t in _FAST_FALLBACK):
             return None
-        pixels = _trailing_pixel_data(body, values, explicit)
+        pixels: bytes | memoryview | None = _trailing_pixel_data(body, values, explicit)
         if pixels is None:  # not the last element, or an unexpected length: walk for it
             pixels = fastparse.walk(body, explicit=explicit,
                                     want=frozenset({0x7FE00010})).get(0x7FE00010)
