@@ -49,6 +49,7 @@ class NodeConfig:
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     receivers: int = 1  # number of receiving processes sharing the port (SO_REUSEPORT)
+    fast_receive: bool = True  # serve C-STORE/C-ECHO from the socket (receive/pump.py)
 
     def validate(self) -> None:
         _check_aet("node.ae_title", self.ae_title)

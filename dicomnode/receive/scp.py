@@ -37,7 +37,7 @@ from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from dicomnode.config import Settings
 from dicomnode.errors import StoreError
 from dicomnode.logs import kv
-from dicomnode.receive import fastrsp
+from dicomnode.receive import fastrsp, pump
 from dicomnode.store import (
     InvalidUIDError,
     MissingAttributeError,
@@ -117,6 +117,11 @@ def _recv_exactly(assoc_sock: Any, nr_bytes: int) -> bytearray:
 # How long the DUL thread waits in select() for the peer's next PDU before
 # looking at its queues again (outgoing primitives, timers, stop flag).
 _READY_WAIT_S = 0.004
+# How often the free disk space is asked of the file system (see _has_space).
+_SPACE_CHECK_S = 0.25
+# How long the DUL thread sleeps between looks at its queues while the pump
+# owns the socket (a local abort at shutdown waits at most this much longer).
+_TAKEN_WAIT_S = 0.02
 
 
 class _WaitingSocket(AssociationSocket):
@@ -133,8 +138,17 @@ class _WaitingSocket(AssociationSocket):
     (:mod:`dicomnode.receive.fastrsp`).
     """
 
+    _flag: pump.TakenFlag | None = None
+
     @property
     def ready(self) -> bool:
+        flag = self._flag
+        if flag is not None and flag.taken:
+            # The pump reads this socket (dicomnode.receive.pump): wait until it
+            # gives the association back, looking at the DUL's queues meanwhile.
+            flag.wake.wait(_TAKEN_WAIT_S)
+            if flag.taken:
+                return False
         sock = self.socket
         if sock is None or self._is_connected is False or isinstance(sock, ssl.SSLSocket):
             return bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]
@@ -206,6 +220,8 @@ class StorageSCP:
         self.server: ThreadedAssociationServer | None = None
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
+        self._space_at = -1e9
+        self._space_free = 0.0
 
     def _build_ae(self) -> AE:
         n = self.settings.node
@@ -278,6 +294,40 @@ class StorageSCP:
             assoc_sock.__class__ = _WaitingSocket
         fastrsp.install(event.assoc.dimse)
         _wait_for_messages(event.assoc.dimse)
+        if self.settings.node.fast_receive and type(assoc_sock) is _WaitingSocket:
+            self._install_pump(event.assoc, assoc_sock)
+
+    def _install_pump(self, assoc: Any, assoc_sock: _WaitingSocket) -> None:
+        """Serve the association's established phase with :class:`pump.Pump`."""
+        flag = pump.TakenFlag()
+        assoc_sock._flag = flag
+        acse = assoc.acse
+        send_accept = acse.send_accept
+
+        def accept_and_take() -> None:
+            # Before the A-ASSOCIATE-AC is queued: the peer cannot have sent any
+            # P-DATA yet, so the DUL thread never reads a PDU meant for the pump.
+            flag.taken = True
+            send_accept()
+
+        acse.send_accept = accept_and_take
+        run_reactor = assoc._run_reactor
+
+        def reactor() -> None:
+            raw = assoc_sock.socket
+            if flag.taken and raw is not None:
+                try:
+                    hb = pump.Pump(assoc, raw, flag, self._store_bytes).run()
+                except Exception as exc:  # noqa: BLE001 - never leave the association hanging
+                    log.exception("receive loop failed: aborting association", extra=kv(
+                        **_assoc_fields(assoc), error=f"{type(exc).__name__}: {exc}"))
+                    hb = pump.Handback([], abort=True)
+                if hb is not None:
+                    pump.handback(assoc, flag, hb)
+            flag.release()
+            run_reactor()
+
+        assoc._run_reactor = reactor
 
     def _on_requested(self, event: Any) -> None:
         # pynetdicom rejects by itself (require_called_aet / require_calling_aet);
@@ -324,10 +374,9 @@ class StorageSCP:
             else:
                 st.failed += 1
 
-    def _fail(self, event: Any, status: int, msg: str, **fields: Any) -> int:
-        log.warning(msg, extra=kv(**_assoc_fields(event.assoc), status=f"0x{status:04X}",
-                                  **fields))
-        self._count(event.assoc, False)
+    def _fail(self, assoc: Any, status: int, msg: str, **fields: Any) -> int:
+        log.warning(msg, extra=kv(**_assoc_fields(assoc), status=f"0x{status:04X}", **fields))
+        self._count(assoc, False)
         return status
 
     def _on_store(self, event: Any) -> int:
@@ -343,37 +392,72 @@ class StorageSCP:
 
     def _store(self, event: Any) -> int:
         req = event.request
-        sop_uid_cmd = str(req.AffectedSOPInstanceUID or "")
-        if not self.store.has_space():
-            return self._fail(event, OUT_OF_DISK, "refusing instance: disk space below minimum",
+        return self._store_bytes(event.assoc, event.context,
+                                 str(req.AffectedSOPInstanceUID or ""), req.DataSet.getvalue())
+
+    def _store_bytes(self, assoc: Any, ctx: Any, sop_uid_cmd: str,
+                     body: bytes | bytearray) -> int:
+        """Validate and store one data set as received; return the C-STORE status.
+
+        ``ctx`` is the presentation context as pynetdicom's events give it
+        (``abstract_syntax``, ``transfer_syntax``).
+        """
+        try:
+            return self._store_checked(assoc, ctx, sop_uid_cmd, body)
+        except Exception as exc:  # noqa: BLE001 - any failure is a status, never a crash
+            log.exception("C-STORE handler failed", extra=kv(
+                **_assoc_fields(assoc), error=f"{type(exc).__name__}: {exc}",
+                sop_instance_uid=sop_uid_cmd))
+            self._count(assoc, False)
+            return INTERNAL_ERROR
+
+    def _has_space(self, incoming: int) -> bool:
+        """``storage.min_free_mb`` is still free after ``incoming`` more bytes.
+
+        The file system is asked (statvfs) at most every ``_SPACE_CHECK_S`` seconds
+        per process; in between, the bytes this process wrote are subtracted from
+        the last answer, so the check stays conservative for this process's writes.
+        """
+        now = time.monotonic()
+        with self._lock:
+            if now - self._space_at > _SPACE_CHECK_S:
+                self._space_free = self.store.free_mb() * 1048576
+                self._space_at = now
+            if self._space_free - incoming < self.settings.storage.min_free_mb * 1048576:
+                return False
+            self._space_free -= incoming
+        return True
+
+    def _store_checked(self, assoc: Any, ctx: Any, sop_uid_cmd: str,
+                       body: bytes | bytearray) -> int:
+        if not self._has_space(len(body)):
+            return self._fail(assoc, OUT_OF_DISK, "refusing instance: disk space below minimum",
                               free_mb=round(self.store.free_mb()),
                               min_free_mb=self.settings.storage.min_free_mb,
                               sop_instance_uid=sop_uid_cmd)
         # Write exactly the bytes received, behind a file meta group of our own
         # (pynetdicom's encoder builds a pydicom Dataset per instance: too slow).
-        ctx = event.context
-        body = req.DataSet.getvalue()
-        calling = event.assoc.requestor.ae_title
+        calling = assoc.requestor.ae_title
         head = part10_header(str(ctx.abstract_syntax), sop_uid_cmd, str(ctx.transfer_syntax),
                              calling)
         try:
             meta = read_meta_fast(head, body, str(ctx.transfer_syntax))
         except UndecodableError as exc:
-            return self._fail(event, CANNOT_DECODE, "cannot decode dataset", error=str(exc),
+            return self._fail(assoc, CANNOT_DECODE, "cannot decode dataset", error=str(exc),
                               sop_instance_uid=sop_uid_cmd)
         except MissingAttributeError as exc:
-            return self._fail(event, MISSING_ATTRIBUTE, "required attribute missing",
+            return self._fail(assoc, MISSING_ATTRIBUTE, "required attribute missing",
                               error=str(exc), sop_instance_uid=sop_uid_cmd)
         except InvalidUIDError as exc:
-            return self._fail(event, INVALID_UID, "invalid UID", error=str(exc),
+            return self._fail(assoc, INVALID_UID, "invalid UID", error=str(exc),
                               sop_instance_uid=sop_uid_cmd)
-        ctx_class = str(event.context.abstract_syntax)
+        ctx_class = str(ctx.abstract_syntax)
         if meta.sop_class_uid != ctx_class:
-            return self._fail(event, SOP_MISMATCH, "SOP Class UID differs from the context",
+            return self._fail(assoc, SOP_MISMATCH, "SOP Class UID differs from the context",
                               dataset_sop_class=meta.sop_class_uid, context_sop_class=ctx_class,
                               sop_instance_uid=meta.sop_instance_uid)
         if sop_uid_cmd and meta.sop_instance_uid != sop_uid_cmd:
-            return self._fail(event, SOP_MISMATCH, "SOP Instance UID differs from the command",
+            return self._fail(assoc, SOP_MISMATCH, "SOP Instance UID differs from the command",
                               dataset_sop_instance=meta.sop_instance_uid,
                               command_sop_instance=sop_uid_cmd)
         meta = meta.with_peer(calling, self.settings.node.ae_title)
@@ -381,15 +465,15 @@ class StorageSCP:
             result = self.store.ingest(meta, (head, body))
         except OSError as exc:
             status = OUT_OF_DISK if exc.errno in (errno.ENOSPC, errno.EDQUOT) else STORE_FAILED
-            return self._fail(event, status, "cannot write instance", error=str(exc),
+            return self._fail(assoc, status, "cannot write instance", error=str(exc),
                               sop_instance_uid=meta.sop_instance_uid)
         except StoreError as exc:
-            return self._fail(event, STORE_FAILED, "cannot record instance", error=str(exc),
+            return self._fail(assoc, STORE_FAILED, "cannot record instance", error=str(exc),
                               sop_instance_uid=meta.sop_instance_uid)
-        self._count(event.assoc, True, len(body))
+        self._count(assoc, True, len(body))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("instance stored", extra=kv(
-                **_assoc_fields(event.assoc), outcome=result.outcome.value,
+                **_assoc_fields(assoc), outcome=result.outcome.value,
                 study_uid=meta.study_uid, series_uid=meta.series_uid,
                 sop_instance_uid=meta.sop_instance_uid, version=result.series_version))
         return SUCCESS

@@ -35,7 +35,8 @@ def _tag_str(tag: int) -> str:
 class _Walker:
     __slots__ = ("buf", "explicit", "want", "out", "depth")
 
-    def __init__(self, buf: bytes | memoryview, explicit: bool, want: frozenset[int]) -> None:
+    def __init__(self, buf: bytes | bytearray | memoryview, explicit: bool,
+                 want: frozenset[int]) -> None:
         self.buf = buf
         self.explicit = explicit
         self.want = want
@@ -111,7 +112,8 @@ class _Walker:
                 pos = vpos + length
 
 
-def walk(buf: bytes | memoryview, *, explicit: bool, want: frozenset[int]) -> dict[int, bytes]:
+def walk(buf: bytes | bytearray | memoryview, *, explicit: bool,
+         want: frozenset[int]) -> dict[int, bytes]:
     """Validate the dataset in ``buf``; return raw values of the ``want`` top-level tags."""
     w = _Walker(buf, explicit, want)
     end = len(buf)

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dicomnode.errors import InvalidInstanceError
@@ -112,7 +112,7 @@ def forget_dirs() -> None:
         _known_dirs.clear()
 
 
-def write_temp(path: Path, chunks: bytes | list[bytes] | tuple[bytes, ...], *,
+def write_temp(path: Path, chunks: bytes | Sequence[bytes | bytearray], *,
                fsync: bool = True) -> tuple[Path, int]:
     """First half of :func:`atomic_write`: write ``chunks`` to a temporary file beside
     ``path`` (not yet fsynced); return ``(temporary path, size)``.
@@ -186,7 +186,7 @@ def commit_temp(tmp: Path, path: Path, *, fsync: bool = True) -> None:
         _fsync_dir(Path(path).parent)
 
 
-def atomic_write(path: Path, chunks: bytes | list[bytes] | tuple[bytes, ...], *,
+def atomic_write(path: Path, chunks: bytes | Sequence[bytes | bytearray], *,
                  fsync: bool = True) -> int:
     """Write ``chunks`` to ``path`` atomically and durably; return the size written."""
     tmp, size = write_temp(Path(path), chunks, fsync=fsync)

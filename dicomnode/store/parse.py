@@ -169,7 +169,7 @@ def _decode(values: dict[int, bytes]) -> _Raw:
     return out
 
 
-def read_meta_fast(head: bytes, dataset: bytes | memoryview,
+def read_meta_fast(head: bytes, dataset: bytes | bytearray | memoryview,
                    transfer_syntax_uid: str) -> InstanceMeta:
     """Parse the dataset of a C-STORE (``dataset`` = bytes after the file meta).
 

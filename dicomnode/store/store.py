@@ -205,7 +205,8 @@ class Store:
         return self.root / files.instance_relpath(meta.study_uid, meta.series_uid,
                                                   meta.sop_instance_uid)
 
-    def ingest(self, meta: InstanceMeta, data: bytes | Sequence[bytes]) -> IngestResult:
+    def ingest(self, meta: InstanceMeta,
+               data: bytes | Sequence[bytes | bytearray]) -> IngestResult:
         """Store one instance durably: its file (temporary file, fsync, atomic rename,
         folder fsync) and its committed row.
 
