@@ -55,6 +55,7 @@ the box; configure routes to send results to a PACS.
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -226,15 +227,19 @@ class _Prefetch:
     def __init__(self, fn: Any) -> None:
         self._result: Any = None
         self._error: BaseException | None = None
+        self.seconds = 0.0  # how long ``fn`` ran (in its thread)
         self._thread = threading.Thread(target=self._run, args=(fn,), name="prefetch",
                                         daemon=True)
         self._thread.start()
 
     def _run(self, fn: Any) -> None:
+        t0 = time.perf_counter()
         try:
             self._result = fn()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             self._error = exc
+        finally:
+            self.seconds = time.perf_counter() - t0
 
     def get(self) -> Any:
         self._thread.join()
@@ -327,6 +332,10 @@ class Pipeline:
             settings.models.path, settings.models.enabled, settings.models.threads)
         self.table = RoutingTable.from_settings(settings, self.registry.names())
         self._dests = {d.name: d for d in settings.destinations}
+        # Volumes are loaded into memory reused from job to job (see warm_up).
+        from dicomnode.infer import VolumeBuffer
+
+        self.volume_buffer = VolumeBuffer()
 
     # -- start-up
 
@@ -334,12 +343,15 @@ class Pipeline:
         """One-time costs of the first job, paid at start instead (call from a thread).
 
         Importing the encoders (highdicom: ~0.7 s) and loading highdicom's
-        tables of the standard (~0.4 s), and importing the model runtimes the
-        enabled models use. Models themselves still load on first use (their
-        sessions hold memory; ``model loaded`` is logged then).
+        tables of the standard (~0.4 s), importing the model runtimes the
+        enabled models use, and touching ``worker.volume_buffer_mb`` of volume
+        memory (fresh pages cost 0.3-0.7 s per 300 MB on first touch). Models
+        themselves still load on first use (their sessions hold memory;
+        ``model loaded`` is logged then).
         """
         t0 = time.perf_counter()
         try:
+            self.volume_buffer.prefault(self.settings.worker.volume_buffer_mb << 20)
             import dicomnode.encode.fastwrite
             import dicomnode.encode.seg
             import dicomnode.encode.sr
@@ -464,7 +476,8 @@ class Pipeline:
             if not ok:
                 raise ModelError(f"{name} does not apply to this series: {why}")
         with _timed(timings, "load"):
-            volume = load_volume([r.path for r in refs])
+            # Into the worker's reused buffer: valid until this worker's next job.
+            volume = load_volume([r.path for r in refs], buffer=self.volume_buffer)
         hb.check()
         # The encoders need the source headers; read them while the first model
         # computes (onnxruntime releases the GIL), not after it.
@@ -477,7 +490,10 @@ class Pipeline:
                 result = self.registry.run(name, volume)
             hb.check()
             with _timed(timings, "encode"):
-                datasets = encode_results(result, headers.get(), formats, options)
+                sources = headers.get()  # any wait for the reading is encode time
+                # Logged apart: read in a thread while the model ran, not in any stage.
+                timings["sources_concurrent"] = headers.seconds
+                datasets = encode_results(result, sources, formats, options)
                 for ds in datasets:
                     _mark_version(ds, job.series_version)
             with _timed(timings, "write"):
@@ -525,6 +541,8 @@ class Worker:
         self.worker_id = worker_id or worker_identity("worker")
         self.pipeline = pipeline or Pipeline(settings, store)
         self._triaged: set[int] = set()
+        # Called after a job queued deliveries (the dispatcher's wake-up).
+        self.on_deliveries: Callable[[], None] | None = None
 
     def triage(self) -> int:
         """Give pending jobs their routing rule's ``priority`` before anyone claims them.
@@ -565,7 +583,13 @@ class Worker:
         log.info("job claimed", extra=kv(job_id=job.id, series_uid=job.series_uid,
                                          version=job.series_version, attempt=job.attempts,
                                          worker=self.worker_id))
-        return self.pipeline.process(job, self.worker_id)
+        report = self.pipeline.process(job, self.worker_id)
+        if report.deliveries and self.on_deliveries is not None:
+            try:
+                self.on_deliveries()
+            except Exception:  # noqa: BLE001 - the dispatcher's poll finds them anyway
+                log.warning("waking the dispatcher failed", exc_info=True)
+        return report
 
     def run(self, stop: threading.Event, *, until_idle: bool = False) -> int:
         """Loop until ``stop`` is set (or, with ``until_idle``, no job is due); jobs done."""
@@ -682,10 +706,18 @@ class Dispatcher:
                 self.store.delivery_failed(
                     d.id, f"destination {name!r} is not configured", transient=False)
 
-    def run(self, stop: threading.Event, *, until_idle: bool = False) -> int:
-        """Loop until ``stop``; returns the number of deliveries sent."""
+    def run(self, stop: threading.Event, *, until_idle: bool = False,
+            wake: WakeUp | None = None) -> int:
+        """Loop until ``stop``; returns the number of deliveries sent.
+
+        ``wake`` (a :class:`WakeUp`): set by workers when they queue
+        deliveries; the loop then polls at once instead of waiting
+        ``worker.poll_seconds``.
+        """
         n = 0
         while not stop.is_set():
+            if wake is not None:
+                wake.clear()  # set again by anything queued from now on
             try:
                 reports = self.poll_once()
             except StoreError as exc:
@@ -695,7 +727,10 @@ class Dispatcher:
             if until_idle and not reports:
                 break
             if not reports:
-                stop.wait(self.settings.worker.poll_seconds)
+                if wake is not None:
+                    wake.wait(self.settings.worker.poll_seconds)
+                else:
+                    stop.wait(self.settings.worker.poll_seconds)
         return n
 
 
@@ -777,9 +812,14 @@ def check_settings(settings: Settings) -> None:
     RoutingTable.from_settings(settings, registry.names())
 
 
-def _child_signals(stop: threading.Event) -> None:
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+def _child_signals(stop: threading.Event, wake: WakeUp | None = None) -> None:
+    def _stop(*_: object) -> None:
+        stop.set()
+        if wake is not None:
+            wake.set()  # a dispatcher waiting for work returns at once
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     _die_with_parent()
 
 
@@ -810,8 +850,50 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def worker_main(settings: Settings, index: int) -> None:
-    """Entry point of a worker process (spawned: starts clean, no inherited threads)."""
+class WakeUp:
+    """Workers -> dispatcher "deliveries queued" signal across processes.
+
+    A counting semaphore, not a ``multiprocessing.Event``: setting an Event
+    waits for its sleepers to acknowledge, so a worker would hang forever on a
+    dispatcher killed while waiting, and a signal handler could deadlock on it.
+    Posting a semaphore never blocks; the dispatcher drains it before each poll.
+    """
+
+    def __init__(self) -> None:
+        self._sem = mp.get_context("spawn").Semaphore(0)
+
+    def set(self) -> None:
+        self._sem.release()
+
+    def clear(self) -> None:
+        while self._sem.acquire(False):
+            pass
+
+    def wait(self, timeout: float) -> bool:
+        """True when woken before ``timeout`` seconds."""
+        if self._sem.acquire(True, timeout):
+            self._sem.release()  # stays set until the next clear()
+            return True
+        return False
+
+
+def _warm_up_and_freeze(pipeline: Pipeline) -> None:
+    """Warm up, then move the start-up heap (modules, highdicom's tables of the
+    standard, SQLAlchemy metadata) out of the cyclic garbage collector's reach:
+    otherwise each full collection during a job rescans it, which made encoding
+    a SEG (tens of thousands of new objects) vary by 0.1-0.2 s."""
+    pipeline.warm_up()
+    gc.collect()
+    gc.freeze()
+
+
+def worker_main(settings: Settings, index: int, wake: WakeUp | None = None) -> None:
+    """Entry point of a worker process (spawned: starts clean, no inherited threads).
+
+    ``wake``: a :class:`WakeUp` shared with the dispatcher, set when a job
+    queued deliveries so that the dispatcher sends them now instead of at its
+    next poll.
+    """
     setup_logging(settings.logging.level, settings.logging.json, settings.logging.file)
     stop = threading.Event()
     _child_signals(stop)
@@ -819,8 +901,11 @@ def worker_main(settings: Settings, index: int) -> None:
     try:
         worker = Worker(settings, store, worker_id=worker_identity("worker", index))
         worker.pipeline.on_timeout = lambda: os._exit(3)
+        if wake is not None:
+            worker.on_deliveries = wake.set
         # Beside the loop, not before it: a job due now need not wait for it.
-        threading.Thread(target=worker.pipeline.warm_up, name="warm-up", daemon=True).start()
+        threading.Thread(target=_warm_up_and_freeze, args=(worker.pipeline,), name="warm-up",
+                         daemon=True).start()
         log.info("worker process ready", extra=kv(worker=worker.worker_id,
                                                   models=",".join(worker.pipeline.registry.names())))
         worker.run(stop)
@@ -828,17 +913,17 @@ def worker_main(settings: Settings, index: int) -> None:
         store.close()
 
 
-def dispatcher_main(settings: Settings, index: int) -> None:
-    """Entry point of the dispatcher process."""
+def dispatcher_main(settings: Settings, index: int, wake: WakeUp | None = None) -> None:
+    """Entry point of the dispatcher process (``wake``: see :func:`worker_main`)."""
     setup_logging(settings.logging.level, settings.logging.json, settings.logging.file)
     stop = threading.Event()
-    _child_signals(stop)
+    _child_signals(stop, wake)
     store = Store.open(settings)
     try:
         d = Dispatcher(settings, store, worker_id=worker_identity("dispatcher", index))
         log.info("dispatcher process ready", extra=kv(
             worker=d.worker_id, destinations=",".join(x.name for x in settings.destinations)))
-        d.run(stop)
+        d.run(stop, wake=wake)
     finally:
         store.close()
 
@@ -870,9 +955,11 @@ class ChildProcesses:
     while it keeps dying young, so a persistent fault does not spin.
     """
 
-    def __init__(self, name: str, target: Any, settings: Settings, count: int) -> None:
+    def __init__(self, name: str, target: Any, settings: Settings, count: int,
+                 extra_args: tuple[Any, ...] = ()) -> None:
         self.name = name  # "worker" or "dispatcher": also the role in the children's ids
         self.target = target
+        self.extra_args = extra_args  # after (settings, index): e.g. the shared wake event
         self.settings = _parent_logging(settings)
         self.count = count
         self._ctx = mp.get_context("spawn")
@@ -884,7 +971,8 @@ class ChildProcesses:
                                          daemon=True)
 
     def _spawn(self, index: int) -> Any:
-        p = self._ctx.Process(target=self.target, args=(self.settings, index + 1),
+        p = self._ctx.Process(target=self.target,
+                              args=(self.settings, index + 1, *self.extra_args),
                               name=f"dicomnode-{self.name}-{index + 1}", daemon=True)
         p.start()
         return p
@@ -964,10 +1052,14 @@ def services(settings: Settings, *, workers: int | None = None,
     check_settings(settings)
     n = settings.worker.processes if workers is None else workers
     out: list[ChildProcesses] = []
+    # Workers wake the dispatcher when a job has queued deliveries; it still
+    # polls (worker.poll_seconds) for work queued by other hosts and retries.
+    wake = WakeUp() if n > 0 and dispatch else None
+    extra = (wake,) if wake is not None else ()
     if n > 0:
-        out.append(ChildProcesses("worker", worker_main, settings, n))
+        out.append(ChildProcesses("worker", worker_main, settings, n, extra))
     if dispatch:
-        out.append(ChildProcesses("dispatcher", dispatcher_main, settings, 1))
+        out.append(ChildProcesses("dispatcher", dispatcher_main, settings, 1, extra))
     return out
 
 

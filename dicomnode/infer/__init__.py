@@ -2,7 +2,8 @@
 
 Public API (used by the worker)::
 
-    load_volume(paths) -> Volume              # raises VolumeError with a reason
+    load_volume(paths, buffer=None) -> Volume # raises VolumeError with a reason;
+                                              # buffer: a VolumeBuffer reused between jobs
     load_manifest(path) -> Manifest           # raises ModelError naming file and key
     ModelRegistry(models_dir, enabled=(), threads=0)
         .names() / .manifest(name) / .run(name, volume) -> InferenceResult
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from dicomnode.infer.manifest import Manifest, load_manifest
 from dicomnode.infer.registry import ModelRegistry, resolve_models_dir
-from dicomnode.infer.volume import load_volume
+from dicomnode.infer.volume import VolumeBuffer, load_volume
 
-__all__ = ["Manifest", "ModelRegistry", "load_manifest", "load_volume", "resolve_models_dir"]
+__all__ = ["Manifest", "ModelRegistry", "VolumeBuffer", "load_manifest", "load_volume",
+           "resolve_models_dir"]

@@ -16,6 +16,7 @@ positions, localiser images and single frames.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class _Frame:
     slope: float
     intercept: float
     label: str  # for messages: file name (and frame)
+    slot: int | None = None  # volume slice it was placed in while reading (file order)
 
 
 def _files(paths: Path | str | Iterable[Path | str]) -> list[Path]:
@@ -333,24 +335,60 @@ class _FastDataset:
         return v
 
 
-def _read_fast(path: Path) -> _FastDataset | None:
-    """Header and raw pixels without pydicom, or None when pydicom must decide."""
+class _FileBuffer:
+    """One buffer reused for every file of a series.
+
+    Reading each slice into a fresh ``bytes`` object makes the first series a
+    worker loads grow its heap by the whole series (157 MB of 4 KiB page faults
+    for 300 CT slices, kept until the volume is assembled); reading into one
+    buffer, whose pixels are placed into the volume before the next file is
+    read, touches the same half megabyte 300 times.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray(0)
+
+    def read(self, path: Path) -> memoryview | None:
+        """The file's bytes (valid until the next call), or None when too big."""
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > _FAST_MAX_BYTES:
+                return None  # big files are multi-frame or compressed: pydicom reads them lazily
+            if size > len(self._buf):
+                # A new buffer, never a resize: views of the old one may still exist.
+                self._buf = bytearray(max(size, 2 * len(self._buf)))
+            view = memoryview(self._buf)
+            n = 0
+            while n < size:
+                got = f.readinto(view[n:size])
+                if not got:
+                    break  # the file shrank while being read: parse what is there
+                n += got
+        return view[:n]
+
+
+def _read_fast(path: Path, buffer: _FileBuffer | None = None) -> _FastDataset | None:
+    """Header and raw pixels without pydicom, or None when pydicom must decide.
+
+    With ``buffer`` the pixel data is a view of the buffer, valid until the
+    buffer reads the next file.
+    """
     try:
-        if path.stat().st_size > _FAST_MAX_BYTES:
-            return None  # big files are multi-frame or compressed: pydicom reads them lazily
-        data = path.read_bytes()
-        if data[128:132] != b"DICM" or data[132:136] != b"\x02\x00\x00\x00":
+        data = (buffer or _FileBuffer()).read(path)
+        if data is None:
             return None
-        if data[136:138] != b"UL":
+        if bytes(data[128:132]) != b"DICM" or bytes(data[132:136]) != b"\x02\x00\x00\x00":
+            return None
+        if bytes(data[136:138]) != b"UL":
             return None
         meta_end = 144 + unpack_from("<I", data, 140)[0]
-        meta = fastparse.walk(memoryview(data)[144:meta_end], explicit=True,
+        meta = fastparse.walk(data[144:meta_end], explicit=True,
                               want=frozenset({0x00020010}))
         ts = meta.get(0x00020010, b"").decode("ascii", "replace").strip("\0 ")
         if ts not in _NATIVE_LE:
             return None
         explicit = ts != "1.2.840.10008.1.2"
-        body = memoryview(data)[meta_end:]
+        body = data[meta_end:]
         values: dict[int, bytes | memoryview] = dict(
             fastparse.walk(body, explicit=explicit, want=_WANT_HEADER))
         if any(t in values for t in _FAST_FALLBACK):
@@ -445,39 +483,77 @@ def _place(out: np.ndarray, pixels: np.ndarray, shift: int, slope: float, interc
     out += np.float32(intercept)
 
 
-class _Prefault:
-    """Allocate the float32 volume and touch its pages in a thread while headers parse.
+class VolumeBuffer:
+    """Float32 memory reused by successive :func:`load_volume` calls of one worker.
 
-    A fresh 300 x 512 x 512 volume is 315 MB of new pages; the kernel's
-    page faults (and zeroing) cost ~0.3-0.5 s the first time a worker
-    allocates that much. numpy releases the GIL while filling, so on a
-    second core this hides behind the file reading and header parsing,
-    which hold it.
+    A worker loads one series at a time, and a fresh 300 x 512 x 512 volume is
+    315 MB of pages the kernel must map (and, in a virtual machine, the host
+    must back) on first touch: 0.3-0.7 s in the first job of a new worker,
+    more than reading the 300 files. The buffer keeps the largest volume loaded
+    so far (or what :meth:`prefault` reserved at start) and hands out views of
+    it. A volume loaded into it is valid until the next load into the same
+    buffer: callers must not keep it across jobs.
     """
 
-    def __init__(self, shape: tuple[int, int, int]) -> None:
-        self.shape = shape
-        self._array: np.ndarray | None = None
-        self._thread = threading.Thread(target=self._run, name="volume-prefault", daemon=True)
-        self._thread.start()
+    def __init__(self) -> None:
+        self._flat: np.ndarray | None = None
+        self._lock = threading.Lock()
 
-    def _run(self) -> None:
-        try:
-            a = np.empty(self.shape, dtype=np.float32)
-            a.fill(0.0)
-            self._array = a
-        except MemoryError:
-            self._array = None  # the loader allocates (and reports) it itself
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._flat is None else int(self._flat.nbytes)
 
-    def get(self) -> np.ndarray | None:
-        self._thread.join()
-        return self._array
+    def prefault(self, nbytes: int) -> None:
+        """Reserve and touch ``nbytes`` now (a worker calls this at start, in a thread)."""
+        with self._lock:
+            if nbytes > self.nbytes:
+                self._flat = None  # release the smaller one first
+                flat = np.empty(nbytes // 4, dtype=np.float32)
+                flat.fill(0.0)  # map every page now, not in the first job
+                self._flat = flat
+
+    def array(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 array of ``shape`` backed by the buffer (its contents undefined)."""
+        n = int(np.prod(shape))
+        with self._lock:
+            if self._flat is None or self._flat.size < n:
+                self._flat = None
+                self._flat = np.empty(n, dtype=np.float32)
+            return self._flat[:n].reshape(shape)
+
+
+def _permute_slices(volume: np.ndarray, src: list[int]) -> None:
+    """In place: ``volume[k] = old volume[src[k]]``, one slice of scratch memory.
+
+    Slices were placed in file order; this puts them in the order along the
+    normal. Files usually come in that order or its reverse: no copy for the
+    former, one pass over the volume for the latter.
+    """
+    done = [False] * len(src)
+    tmp: np.ndarray | None = None
+    for start in range(len(src)):
+        if done[start] or src[start] == start:
+            done[start] = True
+            continue
+        if tmp is None:
+            tmp = np.empty_like(volume[0])
+        tmp[...] = volume[start]
+        k = start
+        while True:
+            done[k] = True
+            j = src[k]
+            if j == start:
+                volume[k] = tmp
+                break
+            volume[k] = volume[j]
+            k = j
 
 
 def load_volume(
     paths: Path | str | Iterable[Path | str],
     *,
     min_slices: int = 2,
+    buffer: VolumeBuffer | None = None,
 ) -> Volume:
     """Load one DICOM image series as a float32 volume in source geometry.
 
@@ -487,6 +563,10 @@ def load_volume(
         The series' files, or a folder holding only them.
     min_slices
         Fewer frames than this is refused (a volume needs a slice spacing).
+    buffer
+        Memory to load into, reused between calls (see :class:`VolumeBuffer`):
+        the returned volume's array is then only valid until the next call
+        with the same buffer. Default: a new array.
 
     Returns
     -------
@@ -503,13 +583,23 @@ def load_volume(
     files = _files(paths)
     frames: list[_Frame] = []
     series_uid = study_uid = for_uid = modality = None
-    # One read per file: header and pixels. The decoded pixels are kept in their
-    # stored integer type (half the size of float32 for 16-bit data) until the
-    # sort order is known, then written once into the float32 volume.
+    # One read per file, into one reused buffer. A single-frame file's pixels go
+    # straight into the float32 volume at the next free slice (file order), so
+    # no copy of the series is held on the side; once every header is read and
+    # the order along the normal is known, the slices are permuted in place.
+    # Other files (multi-frame, decoded by pydicom) keep their decoded pixels in
+    # their stored integer type until the order is known.
+    file_buffer = _FileBuffer()
+    volume: np.ndarray | None = None
+
+    def new_array(shape: tuple[int, ...]) -> np.ndarray:
+        return buffer.array(shape) if buffer is not None else np.empty(shape, np.float32)
+
+    placed = 0
+    scratch: dict[np.dtype, np.ndarray] = {}
     raw: dict[Path, tuple[np.ndarray, int]] = {}
-    early: _Prefault | None = None
     for path in files:
-        ds: Any = _read_fast(path)
+        ds: Any = _read_fast(path, file_buffer)
         if ds is None:
             try:
                 ds = pydicom.dcmread(path)
@@ -526,34 +616,53 @@ def load_volume(
         elif str(ds.get("FrameOfReferenceUID", "")) != for_uid:
             raise VolumeError(f"{path.name}: different Frame of Reference UID within the series")
         file_frames = _header_frames(path, ds)
-        if early is None and len(files) > 1 and len(file_frames) == 1:
-            # Single-frame files: the volume will be (files, rows, columns).
-            early = _Prefault((len(files), file_frames[0].rows, file_frames[0].columns))
-        frames.extend(file_frames)
-        raw[path] = _pixels(path, ds, len(file_frames))
+        pixels, shift = _pixels(path, ds, len(file_frames))
+        in_buffer = isinstance(ds, _FastDataset)  # pixels are a view of the reused buffer
         del ds
-    volume_early = early.get() if early is not None else None
+        f0 = file_frames[0]
+        if pixels.shape[1:] != (f0.rows, f0.columns):
+            raise VolumeError(f"{f0.label}: decoded pixels {pixels.shape[1:]} do not match "
+                              f"Rows/Columns {f0.rows}x{f0.columns}")
+        if volume is None and len(files) > 1 and len(file_frames) == 1:
+            # Single-frame files: the volume will be (files, rows, columns).
+            volume = new_array((len(files), f0.rows, f0.columns))
+        if (volume is not None and len(file_frames) == 1 and placed < len(volume)
+                and volume.shape[1:] == pixels.shape[1:]):
+            _place(volume[placed], pixels[0], shift, f0.slope, f0.intercept, scratch)
+            f0.slot = placed
+            placed += 1
+        else:
+            # Kept until the order is known: a view of the reused buffer must be copied.
+            raw[path] = (pixels.copy() if in_buffer else pixels, shift)
+        frames.extend(file_frames)
+        del pixels
     orientation = _check_same(frames)
     slice_spacing = _sort_and_check(frames, orientation, min_slices)
 
     ref = frames[0]
     shape = (len(frames), ref.rows, ref.columns)
-    volume = (volume_early if volume_early is not None and volume_early.shape == shape
-              else np.empty(shape, dtype=np.float32))
-    del volume_early
-    remaining: dict[Path, int] = {}
-    for f in frames:
-        remaining[f.path] = remaining.get(f.path, 0) + 1
-    scratch: dict[np.dtype, np.ndarray] = {}
-    for k, f in enumerate(frames):
-        pixels, shift = raw[f.path]
-        if pixels.shape[1:] != (ref.rows, ref.columns):
-            raise VolumeError(f"{f.label}: decoded pixels {pixels.shape[1:]} do not match "
-                              f"Rows/Columns {ref.rows}x{ref.columns}")
-        _place(volume[k], pixels[f.index], shift, f.slope, f.intercept, scratch)
-        remaining[f.path] -= 1
-        if not remaining[f.path]:
-            del raw[f.path]  # release each file's pixels as soon as they are placed
+    if volume is not None and not raw and volume.shape == shape:
+        _permute_slices(volume, [f.slot for f in frames])  # type: ignore[misc]
+    else:  # a series mixing single- and multi-frame files, or multi-frame only
+        # (the slices placed so far are copied out of the buffer before it is reused)
+        placed_slices = volume[:placed].copy() if volume is not None else None
+        volume = None
+        out = new_array(shape)
+        remaining: dict[Path, int] = {}
+        for f in frames:
+            if f.slot is None:
+                remaining[f.path] = remaining.get(f.path, 0) + 1
+        for k, f in enumerate(frames):
+            if f.slot is not None:
+                assert placed_slices is not None
+                out[k] = placed_slices[f.slot]
+                continue
+            pixels, shift = raw[f.path]
+            _place(out[k], pixels[f.index], shift, f.slope, f.intercept, scratch)
+            remaining[f.path] -= 1
+            if not remaining[f.path]:
+                del raw[f.path]  # release each file's pixels as soon as they are placed
+        volume = out
 
     row_dir = orientation[:3] / np.linalg.norm(orientation[:3])
     col_dir = orientation[3:] / np.linalg.norm(orientation[3:])

@@ -184,7 +184,7 @@ def test_fast_path_equals_pydicom_path(cranium_ct: SeriesFixture, colin27_mr: Se
 
     assert volmod._read_fast(cranium_ct.paths[0]) is not None  # the common case is fast
     fast = [load_volume(cranium_ct.directory), load_volume(colin27_mr.directory)]
-    monkeypatch.setattr(volmod, "_read_fast", lambda path: None)
+    monkeypatch.setattr(volmod, "_read_fast", lambda path, *_: None)
     slow = [load_volume(cranium_ct.directory), load_volume(colin27_mr.directory)]
     for a, b in zip(fast, slow, strict=True):
         np.testing.assert_array_equal(a.array, b.array)

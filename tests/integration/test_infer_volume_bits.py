@@ -37,7 +37,7 @@ def test_unused_high_bits_are_ignored_like_pydicom(tmp_path: Path, signed: bool,
             raise AssertionError("the fast path fell back to pydicom")
         m.setattr(volmod.pydicom, "dcmread", no_pydicom)
         fast = load_volume(paths)
-    monkeypatch.setattr(volmod, "_read_fast", lambda path: None)
+    monkeypatch.setattr(volmod, "_read_fast", lambda path, *_: None)
     slow = load_volume(paths)  # pydicom's decoder
     np.testing.assert_array_equal(fast.array, slow.array)
     # ... and the values are the stored 12-bit ones after the rescale, not the garbage
@@ -65,7 +65,7 @@ def test_pixel_data_found_when_not_last_and_when_padded(tmp_path: Path,
     for p in paths:
         assert volmod._read_fast(p) is not None
     fast = load_volume(paths)
-    monkeypatch.setattr(volmod, "_read_fast", lambda path: None)
+    monkeypatch.setattr(volmod, "_read_fast", lambda path, *_: None)
     slow = load_volume(paths)
     np.testing.assert_array_equal(fast.array, slow.array)
     np.testing.assert_array_equal(np.sort(fast.array.ravel()), np.sort(arr.ravel()))

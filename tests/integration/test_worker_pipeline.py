@@ -462,3 +462,33 @@ def test_job_past_its_time_limit_fails_and_restarts_the_worker(
         assert "timed out after 0.8 s" in (after.last_error or "")
         assert report.state is expected
         assert not store.list_deliveries(job_id=job_id)  # nothing half-done was queued
+
+
+def test_worker_wakes_the_dispatcher(tmp_path: Path, pacs: Orthanc, ct_small) -> None:
+    """With a poll interval far longer than the test, deliveries still go out at once:
+    the worker's WakeUp (the one ``serve`` shares between its processes) wakes the
+    dispatcher when a job queued them."""
+    from dicomnode.worker import WakeUp
+
+    with _open(tmp_path, pacs.dicom_port, pacs.aet, [CT_RULE],
+               worker={"poll_seconds": 600}) as store:
+        job_id = _job(store, ct_small)
+        wake = WakeUp()
+        stop = threading.Event()
+        disp = threading.Thread(target=Dispatcher(store.settings, store).run, args=(stop,),
+                                kwargs={"wake": wake}, daemon=True)
+        disp.start()
+        time.sleep(0.5)  # the dispatcher found nothing and waits (up to 600 s)
+        worker = Worker(store.settings, store)
+        worker.on_deliveries = wake.set
+        assert worker.poll_once() is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(
+                d.state is not DeliveryState.DONE for d in store.list_deliveries(job_id=job_id)):
+            time.sleep(0.1)
+        states = {d.state for d in store.list_deliveries(job_id=job_id)}
+        stop.set()
+        wake.set()
+        disp.join(10)
+        assert states == {DeliveryState.DONE}
+        assert not disp.is_alive()

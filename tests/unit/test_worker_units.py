@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -135,3 +137,41 @@ def test_later_versions_are_marked_in_the_description() -> None:
     ds.SeriesDescription = "x" * 64
     _mark_version(ds, 12)
     assert ds.SeriesDescription == "x" * 59 + "~ v12"
+
+
+def _wait_forever(wake: object) -> None:
+    wake.wait(3600)  # type: ignore[attr-defined]
+
+
+def _set(wake: object) -> None:
+    wake.set()  # type: ignore[attr-defined]
+
+
+def test_wakeup_crosses_processes_and_survives_a_killed_waiter() -> None:
+    """A WakeUp set in another process wakes a waiter here; one whose waiter was
+    killed mid-wait can still be set (a multiprocessing.Event would block the
+    setter forever, waiting for the dead sleeper to acknowledge)."""
+    import multiprocessing as mp
+
+    from dicomnode.worker import WakeUp
+
+    ctx = mp.get_context("spawn")
+    wake = WakeUp()
+    assert wake.wait(0.01) is False
+    setter = ctx.Process(target=_set, args=(wake,))
+    setter.start()
+    assert wake.wait(60) is True
+    setter.join(30)
+    assert wake.wait(0) is True  # stays set until cleared
+    wake.clear()
+    assert wake.wait(0) is False
+
+    waiter = ctx.Process(target=_wait_forever, args=(wake,))
+    waiter.start()
+    time.sleep(1.0)
+    waiter.kill()
+    waiter.join(30)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (wake.set(), done.set()), daemon=True)
+    t.start()
+    assert done.wait(30), "setting the WakeUp blocked after its waiter died"
