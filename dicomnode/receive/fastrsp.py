@@ -37,14 +37,17 @@ def _us(tag_elem: int, value: int) -> bytes:
 
 def encode_store_rsp(sop_class_uid: str, sop_instance_uid: str, message_id: int,
                      status: int) -> bytes:
-    """The encoded command set of a C-STORE-RSP (no data set, no error details)."""
+    """The encoded command set of a C-STORE-RSP (no data set, no error details).
+
+    An empty UID is left out (both are optional in the response, PS3.7 9.3.1.2).
+    """
     body = b"".join((
-        _ui(0x0002, sop_class_uid),
+        _ui(0x0002, sop_class_uid) if sop_class_uid else b"",
         _us(0x0100, C_STORE_RSP),
         _us(0x0120, message_id),
         _us(0x0800, NO_DATASET),
         _us(0x0900, status),
-        _ui(0x1000, sop_instance_uid),
+        _ui(0x1000, sop_instance_uid) if sop_instance_uid else b"",
     ))
     return pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
 

@@ -45,6 +45,7 @@ C_STORE_RQ = 0x0001
 C_ECHO_RQ = 0x0030
 C_ECHO_RSP = 0x8030
 NO_DATASET = 0x0101
+MISSING_ATTRIBUTE = 0xC220  # as dicomnode.receive.scp
 VERIFICATION = "1.2.840.10008.1.1"
 
 P_DATA_TF = 0x04
@@ -74,11 +75,10 @@ class TakenFlag:
 class Handback(Exception):  # noqa: N818 - control flow, not an error
     """Stop pumping; let pynetdicom handle ``pdus`` (raw PDUs, in order) and the rest."""
 
-    def __init__(self, pdus: list[bytes], *, closed: bool = False, idle: bool = False,
+    def __init__(self, pdus: list[bytes], *, idle: bool = False,
                  abort: bool = False) -> None:
         super().__init__()
-        self.pdus = pdus
-        self.closed = closed  # the peer closed the connection (or it broke)
+        self.pdus = list(pdus)  # raw bytes read from the peer and not served, in order
         self.idle = idle  # nothing came for network_timeout seconds
         self.abort = abort  # protocol violation inside a data set: abort the association
 
@@ -199,10 +199,10 @@ class Pump:
                 continue
             except OSError:
                 self._check_local()
-                raise Handback(pending, closed=True) from None
+                raise Handback(pending) from None
             if n == 0:
                 self._check_local()
-                raise Handback(pending, closed=True)
+                raise Handback(pending)
             self.end += n
             self.last_io = time.monotonic()
             return
@@ -214,7 +214,7 @@ class Pump:
                 readable, _, _ = select.select([self.sock], [], [], _WAIT_S)
             except (OSError, ValueError):
                 self._check_local()
-                raise Handback(pending, closed=True) from None
+                raise Handback(pending) from None
             if readable:
                 return
             if self.timeout is not None and time.monotonic() - self.last_io > self.timeout:
@@ -243,10 +243,10 @@ class Pump:
                 continue
             except OSError:
                 self._check_local()
-                raise Handback(pending, closed=True) from None
+                raise Handback(pending) from None
             if n == 0:
                 self._check_local()
-                raise Handback(pending, closed=True)
+                raise Handback(pending)
             got += n
             self.last_io = time.monotonic()
 
@@ -271,6 +271,7 @@ class Pump:
             while True:
                 self._message()
         except Handback as hb:
+            hb.pdus.append(bytes(self.buf[self.start:self.end]))  # read, not yet parsed
             return hb
         except _Stop:
             self.flag.release()
@@ -330,14 +331,22 @@ class Pump:
                 and abstract == VERIFICATION and not rest:
             self._send(ctx_id, encode_echo_rsp(abstract, msg_id, 0x0000))
             return
-        cls_uid = _ui(cmd, 0x0002)
-        inst_uid = _ui(cmd, 0x1000)
+        cls_uid = _ui(cmd, 0x0002) or ""
+        inst_uid = _ui(cmd, 0x1000) or ""
         if (field != C_STORE_RQ or msg_id is None or has_data is None or has_data == NO_DATASET
-                or not cls_uid or not inst_uid or abstract == VERIFICATION):
+                or abstract == VERIFICATION):
             raise Handback(raw)
         # ---- data set fragments: from here on the message is ours
         body = self._dataset(ctx_id, rest)
-        status = self.store(self.assoc, cx, inst_uid, body)
+        if not cls_uid or not inst_uid:
+            # Both are mandatory in a C-STORE-RQ (PS3.7 9.3.1.1); pynetdicom would fail
+            # on it and leave the peer waiting. Answer "cannot understand" instead.
+            log.warning("C-STORE request without Affected SOP Class/Instance UID", extra=kv(
+                assoc=self.assoc.name, calling_aet=self.assoc.requestor.ae_title,
+                status="0xC220", message_id=msg_id))
+            status = MISSING_ATTRIBUTE
+        else:
+            status = self.store(self.assoc, cx, inst_uid, body)
         self._send(ctx_id, fastrsp.encode_store_rsp(cls_uid, inst_uid, msg_id, status))
 
     def _dataset(self, ctx_id: int, rest: bytes) -> bytes | bytearray:
@@ -412,25 +421,25 @@ class Pump:
             self.sock.sendall(p_data_pdus(ctx_id, command, self.max_pdu))
         except OSError:
             self._check_local()
-            raise Handback([], closed=True) from None
+            raise Handback([]) from None
 
 
-def handback(assoc: Any, flag: TakenFlag, hb: Handback) -> None:
-    """Give the association back to pynetdicom, with the PDUs the pump read but did not
-    serve queued exactly as pynetdicom's own reader would have queued them."""
-    dul = assoc.dul
-    for raw in hb.pdus:
-        try:
-            pdu, event = dul._decode_pdu(bytearray(raw))
-        except Exception:  # noqa: BLE001 - as pynetdicom: unrecognised or invalid PDU
-            dul.event_queue.put("Evt19")
-            break
-        dul._recv_pdu.put(pdu)  # before its event: the DUL thread takes both
-        dul.event_queue.put(event)
-    if hb.closed:
-        dul.event_queue.put("Evt17")  # transport connection closed
-    if not hb.idle:
-        dul._idle_timer.restart()  # the pump, not the DUL, saw the traffic
-    flag.release()
+def handback(assoc: Any, flag: TakenFlag, hb: Handback,
+             unread: Callable[[bytes], None]) -> None:
+    """Give the association back to pynetdicom.
+
+    The bytes the pump read but did not serve (``hb.pdus``: whole PDUs, then
+    whatever was buffered after them, possibly part of a PDU) go to ``unread``,
+    which makes the socket return them before anything else: pynetdicom's
+    reader sees exactly the byte stream the peer sent.
+    """
     if hb.abort:
+        flag.release()
         assoc.abort()
+        return
+    data = b"".join(hb.pdus)
+    if data:
+        unread(data)
+    if not hb.idle:
+        assoc.dul._idle_timer.restart()  # the pump, not the DUL, saw the traffic
+    flag.release()

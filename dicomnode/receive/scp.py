@@ -96,10 +96,16 @@ class _ReusePortServer(_Server):
 def _recv_exactly(assoc_sock: Any, nr_bytes: int) -> bytearray:
     """``AssociationSocket.recv`` with the same contract (``nr_bytes`` bytes, or
     fewer if the peer closed the connection; socket errors propagate), reading
-    with ``recv_into`` in large chunks."""
+    with ``recv_into`` in large chunks; bytes given back by the pump
+    (``_prefix``) come first."""
     buf = bytearray(nr_bytes)
     view = memoryview(buf)
     got = 0
+    prefix = getattr(assoc_sock, "_prefix", None)
+    if prefix:
+        got = min(len(prefix), nr_bytes)
+        view[:got] = prefix[:got]
+        del prefix[:got]
     sock = assoc_sock.socket
     try:
         while got < nr_bytes:
@@ -139,9 +145,16 @@ class _WaitingSocket(AssociationSocket):
     """
 
     _flag: pump.TakenFlag | None = None
+    _prefix: bytearray | None = None  # read by the pump, handed back unserved
+
+    def unread(self, data: bytes) -> None:
+        """Make ``data`` the next bytes read from this socket."""
+        self._prefix = bytearray(data) + (self._prefix or b"")
 
     @property
     def ready(self) -> bool:
+        if self._prefix:
+            return True
         flag = self._flag
         if flag is not None and flag.taken:
             # The pump reads this socket (dicomnode.receive.pump): wait until it
@@ -323,7 +336,7 @@ class StorageSCP:
                         **_assoc_fields(assoc), error=f"{type(exc).__name__}: {exc}"))
                     hb = pump.Handback([], abort=True)
                 if hb is not None:
-                    pump.handback(assoc, flag, hb)
+                    pump.handback(assoc, flag, hb, assoc_sock.unread)
             flag.release()
             run_reactor()
 
