@@ -182,6 +182,8 @@ class NotificationConfig:
     retry_deadline_seconds: float = 3600.0
 
     def validate(self, key: str) -> None:
+        if not self.name.strip():
+            raise ConfigError(f"{key}.name: must not be empty")
         if self.kind == "webhook" and not self.url.startswith(("http://", "https://")):
             raise ConfigError(f"{key}.url: a webhook needs an http:// or https:// URL")
         if self.kind == "hl7":
@@ -191,6 +193,8 @@ class NotificationConfig:
                 raise ConfigError(f"{key}.port: {self.port} is not a TCP port (1-65535)")
         if self.timeout_seconds <= 0:
             raise ConfigError(f"{key}.timeout_seconds: must be > 0")
+        if self.retry_deadline_seconds <= 0:
+            raise ConfigError(f"{key}.retry_deadline_seconds: must be > 0")
 
 
 @dataclass(frozen=True)
@@ -240,6 +244,10 @@ class Settings:
             n.validate(f"notifications[{i}]")
             if n.name in notification_names:
                 raise ConfigError(f"notifications[{i}].name: duplicate name {n.name!r}")
+            if n.name in names:
+                # Both queue in the same outbox, keyed by name.
+                raise ConfigError(f"notifications[{i}].name: {n.name!r} is also a destination "
+                                  "name; destinations and notifications need distinct names")
             notification_names.add(n.name)
 
     def destination(self, name: str) -> DestinationConfig:

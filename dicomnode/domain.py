@@ -106,7 +106,12 @@ class OutputObject:
 
 @dataclass(frozen=True)
 class Delivery:
-    """One output object queued for one destination (the outbox)."""
+    """One output object queued for one destination (the outbox), or one notification.
+
+    ``kind`` is ``"dicom"`` (C-STORE the file at ``path``) or a notification
+    kind (``"webhook"``, ``"hl7"``) whose message is built from ``payload``,
+    the JSON result summary; ``destination`` then names the notification target.
+    """
 
     id: int
     job_id: int
@@ -122,6 +127,8 @@ class Delivery:
     peer_status: int | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    kind: str = "dicom"
+    payload: str | None = None
 
 
 # --------------------------------------------------------------------------- models

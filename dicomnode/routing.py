@@ -64,7 +64,8 @@ AE_KEYS = ("calling_aet", "called_aet")
 OPERATORS = ("equals", "in", "regex", "min", "max", "exists", "missing", "not")
 #: Output formats a destination may receive (see ``DestinationConfig.formats``).
 FORMATS = ("seg", "sr", "sc")
-_RULE_KEYS = ("name", "when", "default", "models", "send", "forward", "priority", "discard")
+_RULE_KEYS = ("name", "when", "default", "models", "send", "forward", "notify", "priority",
+              "discard")
 
 Scalar = str | int | float
 
@@ -133,6 +134,7 @@ class Rule:
     forward: tuple[str, ...] = ()
     priority: int = 0
     discard: bool = False
+    notify: tuple[str, ...] = ()  # notification targets told about each model result
 
     @property
     def label(self) -> str:
@@ -153,6 +155,7 @@ class RouteDecision:
     forward: tuple[str, ...] = ()
     priority: int = 0
     discard: bool = False
+    notify: tuple[str, ...] = ()
 
     @property
     def matched(self) -> bool:
@@ -282,6 +285,7 @@ def _parse_rule(
     raw: Any,
     model_names: Collection[str],
     destinations: Mapping[str, DestinationConfig],
+    notifications: Collection[str] = (),
 ) -> Rule:
     if not isinstance(raw, Mapping):
         raise RoutingError(f"routes[{index}]: must be a mapping, got {type(raw).__name__}")
@@ -363,6 +367,15 @@ def _parse_rule(
     priority = raw.get("priority", 0)
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise _fail(where, "priority", f"expected an integer, got {priority!r}")
+    notify = _names(where, "notify", raw.get("notify", []))
+    for i, n in enumerate(notify):
+        if n not in notifications:
+            known = ", ".join(sorted(notifications)) or "none configured"
+            raise _fail(where, f"notify[{i}]", f"unknown notification {n!r} (known: {known})")
+    if len(set(notify)) != len(notify):
+        raise _fail(where, "notify", "a notification is listed twice")
+    if notify and not models:
+        raise _fail(where, "notify", "notifications tell about model results: give models: too")
     discard = raw.get("discard", False)
     if not isinstance(discard, bool):
         raise _fail(where, "discard", f"expected true or false, got {discard!r}")
@@ -373,7 +386,7 @@ def _parse_rule(
                     "discard: true")
     return Rule(name=name, index=index, conditions=tuple(conditions), default=default,
                 models=tuple(models), send=tuple(send), forward=tuple(forward),
-                priority=priority, discard=discard)
+                priority=priority, discard=discard, notify=tuple(notify))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -502,6 +515,7 @@ class RoutingTable:
         routes: Iterable[Any],
         model_names: Collection[str],
         destinations: Iterable[DestinationConfig] | Mapping[str, DestinationConfig],
+        notifications: Collection[str] = (),
     ) -> RoutingTable:
         """Parse and validate raw rules.
 
@@ -515,7 +529,7 @@ class RoutingTable:
         rules: list[Rule] = []
         names: dict[str, int] = {}
         for i, raw in enumerate(routes):
-            rule = _parse_rule(i, raw, model_names, dests)
+            rule = _parse_rule(i, raw, model_names, dests, notifications)
             if rules and rules[-1].default:
                 raise RoutingError(
                     f"{rule.label}: unreachable: it follows the default rule "
@@ -531,7 +545,8 @@ class RoutingTable:
     @classmethod
     def from_settings(cls, settings: Settings, model_names: Collection[str]) -> RoutingTable:
         """Parse ``settings.routes`` against ``model_names`` and ``settings.destinations``."""
-        return cls.parse(settings.routes, model_names, settings.destinations)
+        return cls.parse(settings.routes, model_names, settings.destinations,
+                         [n.name for n in settings.notifications])
 
     @property
     def default(self) -> Rule | None:
@@ -574,6 +589,6 @@ class RoutingTable:
         if explained and explained[-1].matched:
             r = explained[-1].rule
             return RouteDecision(rule=r, models=r.models, send=r.send, forward=r.forward,
-                                 priority=r.priority, discard=r.discard)
+                                 priority=r.priority, discard=r.discard, notify=r.notify)
         return RouteDecision(rule=None)
 

@@ -67,10 +67,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from dicomnode.config import DestinationConfig, Settings
+from dicomnode.config import DestinationConfig, NotificationConfig, Settings
 from dicomnode.domain import (
     Delivery,
     InferenceResult,
@@ -497,6 +498,7 @@ class Pipeline:
                 for ds in datasets:
                     _mark_version(ds, job.series_version)
             with _timed(timings, "write"):
+                written: list[OutputObject] = []
                 for ds in datasets:
                     kind = _kind(ds)
                     # The Part 10 bytes pydicom would write, serialised here ~3x
@@ -505,12 +507,46 @@ class Pipeline:
                     out = self.store.write_output(job.id, str(ds.SOPInstanceUID),
                                                   str(ds.SOPClassUID), to_part10(ds),
                                                   kind=kind)
-                    outputs.append(out)
+                    written.append(out)
                     for target in decision.send:
                         if kind in target.formats:
                             deliveries.append(NewDelivery(target.destination, out))
+                outputs.extend(written)
+                deliveries.extend(self._notifications(job, decision, result, header, written))
             hb.check()
         return outputs, deliveries
+
+    def _notifications(self, job: Job, decision: RouteDecision, result: InferenceResult,
+                       header: Any, objects: Sequence[OutputObject]) -> list[NewDelivery]:
+        """One outbox row per notification target for this model's result.
+
+        The targets are the rule's ``notify:``; without routing rules (the
+        embedded default) every configured notification. The row holds the
+        JSON summary the message is built from, and a deterministic id (a
+        re-run of the same series version replaces, not duplicates, it).
+        """
+        names = decision.notify if self.table.rules else tuple(
+            n.name for n in self.settings.notifications)
+        if not names:
+            return []
+        import json
+
+        from dicomnode.dispatch.notify import ResultSummary
+        from dicomnode.encode.uids import result_uid
+
+        targets = {n.name: n for n in self.settings.notifications}
+        summary = ResultSummary.from_result(result, header, objects, job_id=job.id)
+        payload = json.dumps(summary.to_json())
+        now = self.store.now()
+        out = []
+        for name in names:
+            cfg = targets[name]  # routing validated the names against the settings
+            uid = result_uid("notification", cfg.kind, job.series_uid, job.series_version,
+                             result.model, name)
+            out.append(NewDelivery(name, OutputObject(uid, "", Path(), "notification"),
+                                   deadline=now + timedelta(seconds=cfg.retry_deadline_seconds),
+                                   kind=cfg.kind, payload=payload))
+        return out
 
     def _formats(self, send: Sequence[SendTarget]) -> tuple[tuple[str, ...], bool]:
         """One encoding per job and model: the union of what the destinations want.
@@ -644,6 +680,16 @@ class Dispatcher:
                 reports.append(self.send(dest, claimed))
                 if len(claimed) < self.batch:
                     break
+        for target in self.settings.notifications:
+            while True:
+                claimed = self.store.claim_deliveries(target.name, self.worker_id,
+                                                      limit=self.batch,
+                                                      lease_seconds=self.lease_seconds)
+                if not claimed:
+                    break
+                reports.append(self.notify(target, claimed))
+                if len(claimed) < self.batch:
+                    break
         if time.monotonic() - self._orphans_checked > 30:
             self._fail_orphans()
         return reports
@@ -696,10 +742,62 @@ class Dispatcher:
                                        seconds=round(rep.seconds, 3)))
         return rep
 
+    def notify(self, target: NotificationConfig, claimed: Sequence[Delivery]) -> DispatchReport:
+        """Send each claimed notification (webhook POST or HL7 ORU^R01) and record it.
+
+        Failures follow the C-STORE rules: transient ones (5xx/408/429,
+        timeouts, refused connections, HL7 ``AE``) go back to ``pending`` with
+        backoff until the target's ``retry_deadline_seconds``; permanent ones
+        (other 4xx, HL7 ``AR``), or any past the deadline, end ``failed``.
+        """
+        import json
+
+        from dicomnode.dispatch.notify import ResultSummary, notify
+        from dicomnode.errors import DispatchError
+
+        rep = DispatchReport(target.name)
+        t0 = time.perf_counter()
+        for d in claimed:
+            status: int | None = None
+            try:
+                if d.kind != target.kind:
+                    raise DispatchError(f"notification {target.name}: queued as {d.kind}, "
+                                        f"configured as {target.kind}", transient=False)
+                summary = ResultSummary.from_json(json.loads(d.payload or "{}"))
+                status = notify(target, summary, d.sop_instance_uid)
+            except DispatchError as exc:
+                err, transient, status = str(exc), exc.transient, exc.status
+            except Exception as exc:  # noqa: BLE001 - a bug must not strand 'sending'
+                log.exception("notification failed unexpectedly", extra=kv(
+                    delivery_id=d.id, destination=target.name))
+                err, transient = f"{type(exc).__name__}: {exc}", False
+            else:
+                self.store.delivery_done(d.id, status)
+                rep.sent += 1
+                continue
+            after = self.store.delivery_failed(d.id, err, transient=transient,
+                                               peer_status=status,
+                                               max_attempts=_NO_ATTEMPT_LIMIT)
+            if after.state.value == "failed":
+                rep.failed += 1
+                log.error("notification failed", extra=kv(
+                    delivery_id=d.id, job_id=d.job_id, destination=target.name,
+                    kind=target.kind, error=after.last_error))
+            else:
+                rep.retrying += 1
+        rep.seconds = time.perf_counter() - t0
+        log.log(logging.INFO if not (rep.failed or rep.retrying) else logging.WARNING,
+                "notified", extra=kv(destination=target.name, kind=target.kind, sent=rep.sent,
+                                     retrying=rep.retrying, failed=rep.failed,
+                                     seconds=round(rep.seconds, 3)))
+        return rep
+
     def _fail_orphans(self) -> None:
-        """Deliveries to a destination no longer configured fail visibly (re-triable)."""
+        """Deliveries to a destination (or notification target) no longer configured
+        fail visibly (re-triable)."""
         self._orphans_checked = time.monotonic()
-        known = {d.name for d in self.settings.destinations}
+        known = ({d.name for d in self.settings.destinations}
+                 | {n.name for n in self.settings.notifications})
         pending = self.store.list_deliveries(states=["pending"], limit=1000)
         for name in sorted({d.destination for d in pending} - known):
             for d in self.store.claim_deliveries(name, self.worker_id, limit=1000):

@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = dsub.add_parser("list", help="deliveries, newest first")
     p.add_argument("--state", action="append", default=[],
                    choices=[s.value for s in DeliveryState], help="only this state (repeatable)")
-    p.add_argument("--destination", help="only this destination name")
+    p.add_argument("--destination", help="only this destination (or notification) name")
     p.add_argument("--job", type=int, help="only this job")
     p.add_argument("--study", help="only deliveries of jobs of this Study Instance UID")
     p.add_argument("--limit", type=int, default=100)
@@ -68,11 +68,13 @@ def job_dict(j: Job) -> dict[str, Any]:
 
 
 def delivery_dict(d: Delivery) -> dict[str, Any]:
-    return {"id": d.id, "job_id": d.job_id, "destination": d.destination,
+    return {"id": d.id, "job_id": d.job_id, "destination": d.destination, "kind": d.kind,
             "state": d.state.value, "sop_instance_uid": d.sop_instance_uid,
-            "sop_class_uid": d.sop_class_uid, "path": str(d.path), "attempts": d.attempts,
+            "sop_class_uid": d.sop_class_uid, "path": str(d.path) if d.kind == "dicom" else "",
+            "attempts": d.attempts,
             "not_before": _ts(d.not_before), "deadline": _ts(d.deadline),
-            "peer_status": None if d.peer_status is None else f"0x{d.peer_status:04X}",
+            "peer_status": (None if d.peer_status is None else str(d.peer_status)
+                            if d.kind != "dicom" else f"0x{d.peer_status:04X}"),
             "error": d.last_error, "created_at": _ts(d.created_at),
             "updated_at": _ts(d.updated_at)}
 
@@ -89,8 +91,11 @@ def _delivery_line(d: Delivery) -> str:
     err = f"  error: {d.last_error}" if d.last_error else ""
     when = (f"  next try {_ts(d.not_before)}" if d.state is DeliveryState.PENDING
             and d.not_before else "")
+    what = d.sop_instance_uid if d.kind == "dicom" else f"{d.kind} notification"
+    if d.kind != "dicom" and d.peer_status is not None:  # an HTTP status, not a DIMSE one
+        st = f"  peer {d.peer_status}"
     return (f"delivery {d.id:<6} {d.state.value:<8} job {d.job_id:<6} -> {d.destination:<12} "
-            f"attempts {d.attempts}  {d.sop_instance_uid}{st}{when}{err}")
+            f"attempts {d.attempts}  {what}{st}{when}{err}")
 
 
 # --------------------------------------------------------------------------- jobs

@@ -86,6 +86,8 @@ def _describe(rule: Rule) -> str:
         what.append(f"send {'+'.join(s.formats)} to {s.destination}")
     if rule.forward:
         what.append("forward originals to " + ", ".join(rule.forward))
+    if rule.notify:
+        what.append("notify " + ", ".join(rule.notify))
     if rule.priority:
         what.append(f"priority {rule.priority}")
     return "; ".join(what)

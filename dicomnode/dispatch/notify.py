@@ -15,6 +15,7 @@ with ``transient`` set so the same retry policy as C-STORE deliveries applies:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import urllib.error
@@ -23,6 +24,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -101,6 +103,36 @@ class ResultSummary:
             objects=tuple(objects),
             job_id=job_id,
             completed_at=completed_at or datetime.now(UTC),
+        )
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ResultSummary:
+        """The summary :meth:`to_json` wrote (how the outbox keeps it until sent)."""
+        patient = data.get("patient") or {}
+        model = data.get("model") or {}
+        family = model.get("family", "AI")
+        return cls(
+            study_uid=str(data.get("study_instance_uid", "")),
+            series_uid=str(data.get("series_instance_uid", "")),
+            model=ModelInfo(name=str(model.get("name", "")), version=str(model.get("version", "")),
+                            family="rule-based" if family == "rule-based" else "AI",
+                            intended_use=str(model.get("intended_use", "") or "")),
+            patient_id=str(patient.get("id", "")),
+            patient_name=str(patient.get("name", "")),
+            accession_number=str(data.get("accession_number", "")),
+            modality=str(data.get("modality", "")),
+            series_description=str(data.get("series_description", "")),
+            measurements=tuple(MeasurementLine(str(m["label"]), str(m["name"]), float(m["value"]),
+                                               str(m["unit"]))
+                               for m in data.get("measurements", [])),
+            findings=tuple(FindingLine(str(f["name"]), float(f["probability"]),
+                                       bool(f["positive"])) for f in data.get("findings", [])),
+            objects=tuple(OutputObject(str(o["sop_instance_uid"]), str(o["sop_class_uid"]),
+                                       Path(), str(o.get("kind", "")))
+                          for o in data.get("objects", [])),
+            job_id=data.get("job_id"),
+            completed_at=datetime.fromisoformat(data["completed_at"]) if data.get(
+                "completed_at") else datetime.now(UTC),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -265,12 +297,23 @@ def send_hl7(cfg: NotificationConfig, summary: ResultSummary,
                         transient=True)
 
 
-def notify(cfg: NotificationConfig, summary: ResultSummary) -> None:
-    """Send ``summary`` to one notification target (raises DispatchError on failure)."""
+def control_id_for(notification_id: str) -> str:
+    """A stable HL7 message control ID (20 characters) for one queued notification:
+    a resend after a lost ACK carries the same ID, so the receiver can spot it."""
+    return hashlib.sha256(notification_id.encode()).hexdigest()[:20]
+
+
+def notify(cfg: NotificationConfig, summary: ResultSummary,
+           notification_id: str | None = None) -> int | None:
+    """Send ``summary`` to one notification target (raises DispatchError on failure).
+
+    Returns the webhook's HTTP status (None for HL7). ``notification_id`` (the
+    outbox row's id) makes the HL7 control ID stable across retries.
+    """
     if cfg.kind == "webhook":
-        send_webhook(cfg, summary)
-    elif cfg.kind == "hl7":
-        send_hl7(cfg, summary)
-    else:  # pragma: no cover - config validation rejects other kinds
-        raise DispatchError(f"notification {cfg.name}: unknown kind {cfg.kind!r}",
-                            transient=False)
+        return send_webhook(cfg, summary)
+    if cfg.kind == "hl7":
+        send_hl7(cfg, summary, control_id_for(notification_id) if notification_id else None)
+        return None
+    raise DispatchError(f"notification {cfg.name}: unknown kind {cfg.kind!r}",  # pragma: no cover
+                        transient=False)

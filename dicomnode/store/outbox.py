@@ -1,5 +1,10 @@
 """Outbox of deliveries: output objects queued per destination, retried with backoff.
 
+Notifications (webhook, HL7) are deliveries too: ``kind`` says which, the
+``destination`` column names the notification target and ``payload`` holds the
+result summary they are built from; they are claimed, retried, listed and
+re-queued exactly like C-STORE deliveries.
+
 A delivery is created in the same transaction that finishes its job
 (:meth:`dicomnode.store.Store.finish_job`), so a result is never finished
 without its deliveries or queued without its job being done. The dispatcher
@@ -29,25 +34,37 @@ class NewDelivery:
     ``deadline`` (aware or naive UTC) bounds retries; ``None`` uses the
     destination's ``retry_deadline_seconds`` from the settings (or no deadline if
     the destination is not configured).
+
+    A notification has ``kind`` ``webhook`` or ``hl7``, ``destination`` the
+    notification target's name, ``payload`` the JSON result summary, and an
+    ``output`` whose SOP Instance UID is the notification's id (no file).
     """
 
     destination: str
     output: OutputObject
     deadline: datetime | None = None
+    kind: str = "dicom"
+    payload: str | None = None
+
+    @property
+    def is_notification(self) -> bool:
+        return self.kind != "dicom"
 
 
 def row_to_delivery(r: Any, root: Path) -> Delivery:
     return Delivery(
         id=r.id, job_id=r.job_id, destination=r.destination,
         sop_instance_uid=r.sop_instance_uid, sop_class_uid=r.sop_class_uid,
-        path=root / r.path, state=DeliveryState(r.state), attempts=r.attempts,
+        path=root / r.path if r.path else Path(), state=DeliveryState(r.state), attempts=r.attempts,
         not_before=aware(r.not_before), deadline=aware(r.deadline), last_error=r.last_error,
         peer_status=r.peer_status, created_at=aware(r.created_at), updated_at=aware(r.updated_at),
+        kind=r.kind or "dicom", payload=r.payload,
     )
 
 
 def add(conn: Connection, *, job_id: int, destination: str, sop_instance_uid: str,
-        sop_class_uid: str, relpath: str, deadline: datetime | None, now: datetime) -> None:
+        sop_class_uid: str, relpath: str, deadline: datetime | None, now: datetime,
+        kind: str = "dicom", payload: str | None = None) -> None:
     # A job re-run by command queues the same (job, destination, object) again:
     # the existing row goes back to pending (sent again), it is not duplicated.
     res = conn.execute(update(deliveries).where(
@@ -55,13 +72,14 @@ def add(conn: Connection, *, job_id: int, destination: str, sop_instance_uid: st
         deliveries.c.sop_instance_uid == sop_instance_uid).values(
         sop_class_uid=sop_class_uid, path=relpath, state=DeliveryState.PENDING.value,
         attempts=0, not_before=None, lease_until=None, last_error=None, peer_status=None,
-        deadline=deadline, updated_at=now))
+        deadline=deadline, updated_at=now, kind=kind, payload=payload))
     if res.rowcount:
         return
     conn.execute(deliveries.insert().values(
         job_id=job_id, destination=destination, sop_instance_uid=sop_instance_uid,
         sop_class_uid=sop_class_uid, path=relpath, state=DeliveryState.PENDING.value,
-        attempts=0, deadline=deadline, created_at=now, updated_at=now))
+        attempts=0, deadline=deadline, created_at=now, updated_at=now, kind=kind,
+        payload=payload))
 
 
 def _due(now: datetime) -> Any:

@@ -554,21 +554,29 @@ class Store:
         return self._tx(tx, attempts=3)
 
     def _add_delivery(self, conn: Connection, job_id: int, d: NewDelivery, now: datetime) -> None:
-        p = Path(d.output.path)
-        try:
-            rel = p.resolve().relative_to(self.root) if p.is_absolute() else p
-        except ValueError:
-            raise StoreError(f"delivery of {p}: not under the storage path {self.root}") from None
+        relpath = ""  # a notification has no file: its message is built from the payload
+        if not d.is_notification:
+            p = Path(d.output.path)
+            try:
+                rel = p.resolve().relative_to(self.root) if p.is_absolute() else p
+            except ValueError:
+                raise StoreError(f"delivery of {p}: not under the storage path "
+                                 f"{self.root}") from None
+            relpath = str(rel)
         deadline = naive(d.deadline) if d.deadline else self._default_deadline(d.destination, now)
         outbox.add(conn, job_id=job_id, destination=d.destination,
                    sop_instance_uid=d.output.sop_instance_uid,
-                   sop_class_uid=d.output.sop_class_uid, relpath=str(rel), deadline=deadline,
-                   now=now)
+                   sop_class_uid=d.output.sop_class_uid, relpath=relpath, deadline=deadline,
+                   now=now, kind=d.kind, payload=d.payload)
 
     def _default_deadline(self, destination: str, now: datetime) -> datetime | None:
+        """``retry_deadline_seconds`` of the destination or notification target so named."""
         for dest in self.settings.destinations:
             if dest.name == destination:
                 return now + seconds(dest.retry_deadline_seconds)
+        for n in self.settings.notifications:
+            if n.name == destination:
+                return now + seconds(n.retry_deadline_seconds)
         return None
 
     def fail_job(self, job_id: int, worker_id: str, reason: str, *, transient: bool) -> Job:

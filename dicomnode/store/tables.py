@@ -154,7 +154,14 @@ class JobOutput(Base):
 
 
 class DeliveryRow(Base):
-    """Outbox: one output object to send to one destination."""
+    """Outbox: one output object to send to one destination, or one notification.
+
+    ``kind`` is ``dicom`` for a C-STORE of the file at ``path``; ``webhook`` or
+    ``hl7`` for a notification of one model result to the notification target
+    named in ``destination``, whose message is built from ``payload`` (the JSON
+    result summary; ``path`` and ``sop_class_uid`` are empty, ``sop_instance_uid``
+    is the notification's deterministic id).
+    """
 
     __tablename__ = "deliveries"
     __table_args__ = (
@@ -178,3 +185,5 @@ class DeliveryRow(Base):
     peer_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
+    kind: Mapped[str] = mapped_column(String(16), default="dicom", server_default="dicom")
+    payload: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
-import hl7
-import hl7.mllp
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
@@ -34,6 +25,7 @@ from dicomnode.domain import (
     Volume,
 )
 from dicomnode.errors import DispatchError
+from tests.support.notify_peers import http_server, mllp_server
 from tests.support.peers import free_port
 
 WHEN = datetime(2026, 11, 21, 9, 30, 5, tzinfo=UTC)
@@ -64,33 +56,6 @@ def summary() -> ResultSummary:
 
 
 # --------------------------------------------------------------------------- webhook
-
-
-class _Hook(BaseHTTPRequestHandler):
-    status = 200
-    bodies: list[tuple[dict[str, str], Any]] = []
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server API
-        length = int(self.headers["Content-Length"])
-        type(self).bodies.append((dict(self.headers), json.loads(self.rfile.read(length))))
-        self.send_response(type(self).status)
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def http_server(status: int) -> Iterator[tuple[str, list[Any]]]:
-    handler = type("Hook", (_Hook,), {"status": status, "bodies": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hook", handler.bodies
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_webhook_posts_the_summary(summary: ResultSummary) -> None:
@@ -128,44 +93,6 @@ def test_webhook_down_is_transient(summary: ResultSummary) -> None:
 
 
 # --------------------------------------------------------------------------- HL7 / MLLP
-
-
-@contextlib.contextmanager
-def mllp_server(ack_code: str = "AA") -> Iterator[tuple[int, list[hl7.Message]]]:
-    """python-hl7's asyncio MLLP server in a thread, answering ``ack_code``."""
-    received: list[hl7.Message] = []
-    port = free_port()
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-
-    async def handle(reader: hl7.mllp.HL7StreamReader, writer: hl7.mllp.HL7StreamWriter) -> None:
-        try:
-            while not writer.is_closing():
-                msg = await reader.readmessage()
-                received.append(msg)
-                writer.writemessage(msg.create_ack(ack_code))
-                await writer.drain()
-        except asyncio.IncompleteReadError:
-            pass
-        finally:
-            writer.close()
-
-    async def main() -> None:
-        server = await hl7.mllp.start_hl7_server(handle, host="127.0.0.1", port=port)
-        ready.set()
-        async with server:
-            with contextlib.suppress(asyncio.CancelledError):
-                await server.serve_forever()
-
-    t = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
-    t.start()
-    assert ready.wait(10)
-    try:
-        yield port, received
-    finally:
-        for task in asyncio.all_tasks(loop):
-            loop.call_soon_threadsafe(task.cancel)
-        t.join(5)
 
 
 def test_hl7_oru_is_acknowledged_and_parses(summary: ResultSummary) -> None:

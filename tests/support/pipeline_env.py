@@ -47,7 +47,10 @@ def pipeline_config(tmp: Path, *, routes: Sequence[dict[str, Any]] = (),
         "destinations": list(destinations),
     }
     for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
+        if isinstance(values, list):  # e.g. notifications: a list, not a mapping
+            data[name] = values
+        else:
+            data.setdefault(name, {}).update(values)
     return data
 
 

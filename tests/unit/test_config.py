@@ -77,3 +77,27 @@ def test_bad_file(tmp_path: Path) -> None:
     f.write_text("storage:\n  path: [1]\n")
     with pytest.raises(ConfigError, match="storage.path: expected a path"):
         load_settings(f, environ={})
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"notifications": [{"name": "dash", "kind": "webhook", "url": "ftp://x"}]},
+     "notifications[0].url: a webhook needs an http:// or https:// URL"),
+    ({"notifications": [{"name": "ris", "kind": "hl7", "port": 2575}]},
+     "notifications[0].host: an hl7 notification needs the MLLP host"),
+    ({"notifications": [{"name": "ris", "kind": "hl7", "host": "h", "port": 0}]},
+     "notifications[0].port: 0 is not a TCP port"),
+    ({"notifications": [{"name": "d", "kind": "webhook", "url": "http://h/x",
+                         "retry_deadline_seconds": 0}]},
+     "notifications[0].retry_deadline_seconds: must be > 0"),
+    ({"notifications": [{"name": "d", "kind": "fax", "url": "http://h/x"}]},
+     "notifications[0].kind"),
+    ({"notifications": [{"name": "", "kind": "webhook", "url": "http://h/x"}]},
+     "notifications[0].name: must not be empty"),
+    ({"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "h", "port": 104}],
+      "notifications": [{"name": "pacs", "kind": "webhook", "url": "http://h/x"}]},
+     "notifications[0].name: 'pacs' is also a destination name"),
+])
+def test_notification_errors_name_the_key(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_settings(None, environ={}, overrides=overrides)
+    assert message in str(exc.value)

@@ -297,3 +297,25 @@ def test_file_meta_keywords(tmp_path: Any) -> None:
     jpeg = _one({"TransferSyntaxUID": {"regex": r"^1\.2\.840\.10008\.1\.2\.4"}})
     assert not jpeg.match(d).matched
     assert not t.match(ds(Modality="CT")).matched  # no file meta: missing
+
+
+@pytest.mark.parametrize(("rule", "message"), [
+    ({"name": "n", "when": {"Modality": "CT"}, "models": ["ct-tissue"], "notify": ["nope"]},
+     "routes[0] (n): notify[0]: unknown notification 'nope' (known: dash, ris)"),
+    ({"name": "n", "when": {"Modality": "CT"}, "forward": ["pacs"], "notify": ["dash"]},
+     "routes[0] (n): notify: notifications tell about model results"),
+    ({"name": "n", "when": {"Modality": "CT"}, "models": ["ct-tissue"],
+      "notify": ["dash", "dash"]},
+     "routes[0] (n): notify: a notification is listed twice"),
+])
+def test_invalid_notify(rule: dict[str, Any], message: str) -> None:
+    with pytest.raises(RoutingError) as info:
+        RoutingTable.parse([rule], MODELS, DESTS, ["dash", "ris"])
+    assert message in str(info.value)
+
+
+def test_notify_is_carried_into_the_decision() -> None:
+    t = RoutingTable.parse([{"name": "n", "when": {"Modality": "CT"}, "models": ["ct-tissue"],
+                             "notify": ["ris"]}], MODELS, DESTS, ["dash", "ris"])
+    assert t.match(ds(Modality="CT")).notify == ("ris",)
+    assert t.match(ds(Modality="MR")).notify == ()
