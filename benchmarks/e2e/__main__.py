@@ -140,6 +140,9 @@ def _breakdown(records: list[dict[str, Any]], series_uid: str, t_last: float,
     out["total"] = t_visible - t_last
     out["_unaccounted"] = out["total"] - sum(v for k, v in out.items() if k != "total")
     out["_sources_concurrent"] = float(done.get("sources_concurrent_s", 0.0))
+    inf = _first(records, "inference done", series=series_uid)
+    out["_model_parts"] = ({k: float(inf.get(f"{k}_s", 0.0))
+                            for k in ("preprocess", "inference", "postprocess")} if inf else {})
     out["_job"] = job_id
     return out
 
@@ -200,6 +203,11 @@ def main(argv: list[str]) -> int:
                 print(f"{k:<16}{v:>9.3f}")
         print(f"(not in any stage: {b['_unaccounted']:.3f} s; source headers read in a "
               f"thread during the model: {b['_sources_concurrent']:.3f} s)")
+        parts = b["_model_parts"]
+        if parts:
+            print(f"(model = the manifest's pre-processing {parts['preprocess']:.3f} + network "
+                  f"{parts['inference']:.3f} + post-processing {parts['postprocess']:.3f} s, "
+                  "all of it the model's own compute)")
         overhead = b["total"] - b["quiet window"] - b["model"]
         print(f"{'overhead':<16}{overhead:>9.3f}   (total - quiet window - model compute; "
               f"target < 3 s: {'PASS' if overhead < 3 else 'FAIL'})")
