@@ -6,7 +6,8 @@ for every repetition:
 
 * ``node-rN``: ``dicomnode serve`` with the full durability contract (temp
   file, fsync, atomic rename, directory fsync, committed row before 0x0000)
-  and ``node.receivers = N`` receiving processes;
+  and ``node.receivers = N`` receiving processes (each connection to the
+  least busy one);
 * ``storescp``: DCMTK ``storescp --fork`` writing files (no database, no fsync);
 * ``orthanc``: Orthanc (Debian package), default SQLite index, no plugins.
 
@@ -117,7 +118,7 @@ def start_node(work: Path, receivers: int, fsync: bool = True,
         "database": {"url": f"sqlite:///{work / 'dicomnode.db'}"},
         "completion": {"series_quiet_seconds": 60},
         "worker": {"processes": 0},
-        "logging": {"level": "WARNING"},
+        "logging": {"level": "INFO"},
     }
     (work / "node.json").write_text(json.dumps(cfg))  # JSON is YAML
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMNODE_")}
@@ -135,14 +136,11 @@ def start_node(work: Path, receivers: int, fsync: bool = True,
         print((work / "node.log").read_text()[-3000:], file=sys.stderr)
         raise
     if receivers > 1:
-        # Every receiving process must be listening before the clock starts.
+        # Every receiving process must be serving before the clock starts: the node
+        # logs "node ready" only once they all said so.
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            kids = psutil.Process(proc.pid).children(recursive=True)
-            listening = [k for k in kids if any(
-                c.status == psutil.CONN_LISTEN for c in k.net_connections("tcp"))]
-            if len(listening) >= receivers - 1:
-                break
+        while time.monotonic() < deadline and b"node ready" not in \
+                (work / "node.log").read_bytes():
             time.sleep(0.1)
 
     def pids() -> list[int]:

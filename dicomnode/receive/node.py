@@ -5,8 +5,9 @@
 1. open the store and apply pending migrations (logged),
 2. reconcile the store with the database (files without rows are indexed,
    rows without files flagged, leftover temporary files removed),
-3. start receiving: an SCP in this process, plus ``node.receivers - 1``
-   receiving processes sharing the port (SO_REUSEPORT),
+3. start receiving: ``node.receivers - 1`` receiving processes, then the SCP
+   in this process, which accepts every connection and serves it itself or
+   hands it to the least busy receiving process (:mod:`.balance`),
 4. start the completeness tracker (a thread turning quiet series into jobs),
 5. start the extra :class:`Service` objects (the worker processes hook in here),
 6. wait for SIGTERM / SIGINT, then stop everything in reverse order.
@@ -22,16 +23,15 @@ from __future__ import annotations
 import gc
 import importlib
 import logging
-import multiprocessing as mp
 import os
 import signal
 import threading
-import time
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from dicomnode.config import Settings
-from dicomnode.logs import kv, setup_logging
+from dicomnode.logs import kv
+from dicomnode.receive.balance import ReceiverPool
 from dicomnode.receive.scp import StorageSCP
 from dicomnode.store import Store
 
@@ -89,71 +89,6 @@ def _freeze_heap() -> None:
     gc.freeze()
 
 
-def _receiver_main(settings: Settings, index: int, parent_pid: int) -> None:
-    """Entry point of an extra receiving process (spawned, so it starts clean).
-
-    It stops on SIGTERM/SIGINT, and on its own when the node process is gone
-    (killed with -9): an orphan must not keep answering on the node's port.
-    """
-    setup_logging(settings.logging.level, settings.logging.json, settings.logging.file)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    store = Store.open(settings)
-    scp = StorageSCP(settings, store, reuse_port=True)
-    scp.start()
-    _freeze_heap()
-    log.info("receiver process listening", extra=kv(receiver=index, pid=os.getpid()))
-    while not stop.wait(0.5):
-        if os.getppid() != parent_pid:
-            log.error("node process gone; receiver stopping", extra=kv(receiver=index))
-            break
-    scp.stop()
-    store.close()
-
-
-class ReceiverProcesses:
-    """``node.receivers - 1`` extra receiving processes, restarted if one dies."""
-
-    name = "receivers"
-
-    def __init__(self, settings: Settings, count: int) -> None:
-        self.settings = settings
-        self.count = count
-        self._ctx = mp.get_context("spawn")
-        self._procs: list[Any] = []
-
-    def _spawn(self, index: int) -> Any:
-        p = self._ctx.Process(target=_receiver_main, args=(self.settings, index, os.getpid()),
-                              name=f"dicomnode-receiver-{index}", daemon=True)
-        p.start()
-        return p
-
-    def start(self) -> None:
-        self._procs = [self._spawn(i + 1) for i in range(self.count)]
-
-    def check(self) -> None:
-        for i, p in enumerate(self._procs):
-            if not p.is_alive():
-                log.error("receiver process died; restarting", extra=kv(
-                    receiver=i + 1, exitcode=p.exitcode))
-                self._procs[i] = self._spawn(i + 1)
-
-    def stop(self, timeout: float) -> None:
-        for p in self._procs:
-            if p.is_alive():
-                p.terminate()
-        deadline = time.monotonic() + timeout
-        for p in self._procs:
-            p.join(max(0.1, deadline - time.monotonic()))
-            if p.is_alive():
-                p.kill()
-                p.join(1)
-
-    def alive(self) -> bool:
-        return all(p.is_alive() for p in self._procs)
-
-
 def default_services(settings: Settings, *, with_worker: bool) -> list[Service]:
     """Services started after receiving: the workers, when ``dicomnode.worker`` exists."""
     if not with_worker or settings.worker.processes <= 0:
@@ -178,7 +113,7 @@ class Node:
         self._extra = list(services) if services is not None else None
         self.store: Store | None = None
         self.scp: StorageSCP | None = None
-        self.receivers: ReceiverProcesses | None = None
+        self.receivers: ReceiverPool | None = None
         self.services: list[Service] = []
 
     def start(self) -> None:
@@ -190,11 +125,11 @@ class Node:
         if not s.node.allowed_calling_aets:
             log.warning("node.allowed_calling_aets is empty: accepting any calling AE title")
         extra = s.node.receivers - 1
-        self.scp = StorageSCP(s, self.store, reuse_port=extra > 0)
-        self.scp.start()
         if extra:
-            self.receivers = ReceiverProcesses(s, extra)
+            self.receivers = ReceiverPool(s, extra)
             self.receivers.start()
+        self.scp = StorageSCP(s, self.store, balancer=self.receivers)
+        self.scp.start()
         tracker = CompletenessTracker(self.store, s.completion.check_interval_seconds)
         services: list[Service] = [tracker]
         services += (self._extra if self._extra is not None
@@ -229,10 +164,10 @@ class Node:
             except Exception:  # noqa: BLE001 - stop the rest regardless
                 log.exception("stopping service failed", extra=kv(service=svc.name))
         self.services.clear()
-        if self.receivers is not None:
-            self.receivers.stop(grace_seconds)
         if self.scp is not None:
             self.scp.stop(grace_seconds)
+        if self.receivers is not None:
+            self.receivers.stop(grace_seconds)
         if self.store is not None:
             self.store.close()
         log.info("node stopped")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import errno
 import logging
+import os
 import queue
 import select
 import socket
@@ -84,13 +85,27 @@ class _Server(ThreadedAssociationServer):
         self.contexts = _Contexts(self.contexts)
 
 
-class _ReusePortServer(_Server):
-    """Association server whose socket has SO_REUSEPORT: several receiving
-    processes share one port and the kernel spreads connections across them."""
+class _BalancingServer(_Server):
+    """The node process's server with ``node.receivers`` > 1: each accepted
+    connection goes to the least busy receiving process (receive/balance.py)."""
+
+    balancer: Any = None
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self.balancer is not None and self.balancer.forward(request, client_address):
+            return
+        super().process_request(request, client_address)
+
+
+class _DetachedServer(_Server):
+    """A receiving process's server: no listening socket; the node process hands
+    connections in (:meth:`StorageSCP.adopt`)."""
 
     def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # type: ignore[union-attr]
-        super().server_bind()
+        pass
+
+    def server_activate(self) -> None:
+        pass
 
 
 def _recv_exactly(assoc_sock: Any, nr_bytes: int) -> bytearray:
@@ -221,14 +236,23 @@ class StorageSCP:
         Node settings (``node.*``, ``storage.*``).
     store
         The store every instance is written through.
-    reuse_port
-        Bind with SO_REUSEPORT (set when ``node.receivers`` > 1).
+    balancer
+        With ``node.receivers`` > 1, in the node process: the
+        :class:`~dicomnode.receive.balance.ReceiverPool` that takes accepted
+        connections for the receiving processes.
+    detached
+        In a receiving process: do not listen; serve connections given to :meth:`adopt`.
+    on_conn_close
+        Called when a connection this SCP served closes.
     """
 
-    def __init__(self, settings: Settings, store: Store, *, reuse_port: bool = False) -> None:
+    def __init__(self, settings: Settings, store: Store, *, balancer: Any = None,
+                 detached: bool = False, on_conn_close: Any = None) -> None:
         self.settings = settings
         self.store = store
-        self.reuse_port = reuse_port
+        self.balancer = balancer
+        self.detached = detached
+        self.on_conn_close = on_conn_close
         self.ae = self._build_ae()
         self.server: ThreadedAssociationServer | None = None
         self._stats: dict[int, _AssocStats] = {}
@@ -266,22 +290,44 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        server_class = _ReusePortServer if self.reuse_port else _Server
+        if self.on_conn_close is not None or self.balancer is not None:
+            handlers.append((evt.EVT_CONN_CLOSE, self._on_conn_close))
+        if self.detached:
+            self.server = self.ae.make_server(("127.0.0.1", 0), evt_handlers=handlers,
+                                              server_class=_DetachedServer)
+            return
+        server_class = _BalancingServer if self.balancer is not None else _Server
         try:
             server = self.ae.make_server((n.host, n.port), evt_handlers=handlers,
                                          server_class=server_class)
         except OSError as exc:
             raise StoreError(f"node.port: cannot listen on {n.host}:{n.port}: {exc}") from None
+        if self.balancer is not None:
+            server.balancer = self.balancer  # type: ignore[attr-defined]
         thread = threading.Thread(target=server.serve_forever, name=f"scp-{n.port}",
                                   daemon=True)
         thread.start()
         self.ae._servers.append(server)  # so that AE.shutdown() stops it too
         self.server = server
 
+    def adopt(self, conn: socket.socket, address: tuple[str, int]) -> None:
+        """Serve a connection accepted by the node process (``detached`` receivers)."""
+        if self.server is None:
+            raise RuntimeError("adopt() before start()")
+        self.server.process_request(conn, address)
+
+    def _on_conn_close(self, event: Any) -> None:
+        if self.balancer is not None:
+            self.balancer.local_closed()
+        if self.on_conn_close is not None:
+            self.on_conn_close()
+
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Stop listening, let running associations finish for ``grace_seconds``, then abort."""
-        if self.server is not None:
+        if self.server is not None and not self.detached:
             self.server.shutdown()
+            self.server.server_close()
+        elif self.server is not None:
             self.server.server_close()
         deadline = time.monotonic() + grace_seconds
         while self.ae.active_associations and time.monotonic() < deadline:
@@ -363,7 +409,9 @@ class StorageSCP:
     def _on_accepted(self, event: Any) -> None:
         with self._lock:
             self._stats[id(event.assoc)] = _AssocStats()
-        log.info("association accepted", extra=kv(**_assoc_fields(event.assoc)))
+        # pid: which receiving process serves it (node.receivers > 1)
+        log.info("association accepted", extra=kv(**_assoc_fields(event.assoc),
+                                                   pid=os.getpid()))
 
     def _on_closed(self, event: Any) -> None:
         with self._lock:

@@ -1,0 +1,270 @@
+"""Several receiving processes behind one port, each connection to the least busy one.
+
+One Python process receives on one core at a time (the GIL), and three
+associations in one process also spend CPU handing the GIL back and forth.
+With ``node.receivers = N`` the node process accepts every connection itself
+and passes it (the socket's file descriptor, over a Unix socket pair,
+SCM_RIGHTS) to whichever of the N receiving processes, itself included, has
+the fewest open connections; ties go to the lowest index, the node process
+first. Each receiving process runs the same :class:`StorageSCP` on connections
+it is given instead of a listening socket, and says when each one closes.
+
+Kernel load balancing (SO_REUSEPORT, used before) hashes connections to
+processes: three concurrent senders on three processes all landed on different
+processes only 2 times in 9, so one process served two or three of them.
+
+A receiving process that dies is restarted by the node's supervision loop; a
+connection is never given to a dead or not yet ready one (the node serves it
+itself). When the node process dies, its receiving processes see their socket
+pair close and stop: an orphan must not keep serving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import selectors
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+from dicomnode.config import Settings
+from dicomnode.logs import kv, setup_logging
+
+log = logging.getLogger(__name__)
+
+READY = b"r"  # child -> node: serving
+CLOSED = b"c"  # child -> node: one connection closed
+_READY_TIMEOUT_S = 60.0
+
+
+class _Child:
+    __slots__ = ("index", "proc", "chan", "ready", "active")
+
+    def __init__(self, index: int, proc: Any, chan: socket.socket) -> None:
+        self.index = index
+        self.proc = proc
+        self.chan = chan
+        self.ready = False
+        self.active = 0
+
+
+class ReceiverPool:
+    """The node-process side: ``count`` receiving processes and the connection counts.
+
+    :meth:`forward` is called by the node's SCP server for every accepted
+    connection; :meth:`local_closed` by the node's own SCP when one of its
+    connections closes.
+    """
+
+    name = "receivers"
+
+    def __init__(self, settings: Settings, count: int) -> None:
+        self.settings = settings
+        self.count = count
+        self._ctx = mp.get_context("spawn")
+        self._children: list[_Child] = []
+        self._local_active = 0
+        self._lock = threading.Lock()
+        self._sel = selectors.DefaultSelector()
+        self._stop = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _spawn(self, index: int) -> _Child:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        p = self._ctx.Process(target=receiver_main,
+                              args=(self.settings, index, os.getpid(), theirs),
+                              name=f"dicomnode-receiver-{index}", daemon=True)
+        p.start()
+        theirs.close()
+        child = _Child(index, p, mine)
+        self._sel.register(mine, selectors.EVENT_READ, child)
+        return child
+
+    def start(self) -> None:
+        """Spawn the processes and wait until each says it is serving."""
+        with self._lock:
+            self._children = [self._spawn(i + 1) for i in range(self.count)]
+        self._reader = threading.Thread(target=self._read_loop, name="receivers-status",
+                                        daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            with self._lock:
+                if all(c.ready for c in self._children):
+                    return
+            time.sleep(0.02)
+        log.error("receiver processes not ready in time; the node serves alone until they are",
+                  extra=kv(timeout_s=_READY_TIMEOUT_S))
+
+    def check(self) -> None:
+        """Restart receiving processes that died."""
+        with self._lock:
+            for i, c in enumerate(self._children):
+                if not c.proc.is_alive():
+                    log.error("receiver process died; restarting", extra=kv(
+                        receiver=c.index, exitcode=c.proc.exitcode))
+                    self._drop(c)
+                    self._children[i] = self._spawn(c.index)
+
+    def _drop(self, c: _Child) -> None:
+        c.ready = False
+        try:
+            self._sel.unregister(c.chan)
+        except (KeyError, ValueError):
+            pass
+        c.chan.close()
+
+    def stop(self, timeout: float) -> None:
+        self._stop.set()
+        with self._lock:
+            children = list(self._children)
+        for c in children:
+            if c.proc.is_alive():
+                c.proc.terminate()
+        deadline = time.monotonic() + timeout
+        for c in children:
+            c.proc.join(max(0.1, deadline - time.monotonic()))
+            if c.proc.is_alive():
+                c.proc.kill()
+                c.proc.join(1)
+        with self._lock:
+            for c in children:
+                if c.chan.fileno() >= 0:
+                    self._drop(c)
+        if self._reader is not None:
+            self._reader.join(2)
+
+    def alive(self) -> bool:
+        return all(c.proc.is_alive() for c in self._children)
+
+    # ------------------------------------------------------------------ balancing
+
+    def forward(self, conn: socket.socket, address: Any) -> bool:
+        """Give ``conn`` to the least busy receiving process; False: serve it here.
+
+        On True the node's copy of the socket is closed (the process has its own).
+        """
+        with self._lock:
+            best = min((c for c in self._children if c.ready),
+                       key=lambda c: (c.active, c.index), default=None)
+            if best is None or self._local_active <= best.active:
+                self._local_active += 1  # ties: the node process serves it
+                return False
+            try:
+                host, port = address[0], address[1]
+                socket.send_fds(best.chan, [json.dumps([host, port]).encode()],
+                                [conn.fileno()])
+            except OSError as exc:
+                log.warning("cannot hand a connection to a receiver process; serving it here",
+                            extra=kv(receiver=best.index, error=str(exc)))
+                best.ready = False
+                self._local_active += 1
+                return False
+            best.active += 1
+        conn.close()
+        return True
+
+    def local_closed(self) -> None:
+        with self._lock:
+            self._local_active = max(0, self._local_active - 1)
+
+    def counts(self) -> list[int]:
+        """Open connections per receiving process, the node process first."""
+        with self._lock:
+            return [self._local_active] + [c.active for c in self._children]
+
+    def _read_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                events = self._sel.select(0.5)
+            except (OSError, ValueError):
+                time.sleep(0.05)
+                continue
+            for key, _ in events:
+                child: _Child = key.data
+                try:
+                    msg = child.chan.recv(16)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    msg = b""
+                with self._lock:
+                    if msg == CLOSED:
+                        child.active = max(0, child.active - 1)
+                    elif msg == READY:
+                        child.ready = True
+                        log.info("receiver process ready", extra=kv(
+                            receiver=child.index, pid=child.proc.pid))
+                    elif not msg:  # the process is gone: check() restarts it
+                        child.ready = False
+                        child.active = 0
+                        try:
+                            self._sel.unregister(child.chan)
+                        except (KeyError, ValueError):
+                            pass
+
+
+def receiver_main(settings: Settings, index: int, parent_pid: int, chan: socket.socket) -> None:
+    """Entry point of a receiving process (spawned, so it starts clean)."""
+    from dicomnode.receive.node import _freeze_heap
+    from dicomnode.receive.scp import StorageSCP
+    from dicomnode.store import Store
+
+    setup_logging(settings.logging.level, settings.logging.json, settings.logging.file)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    store = Store.open(settings)
+    send_lock = threading.Lock()
+
+    def closed() -> None:
+        with send_lock:
+            try:
+                chan.send(CLOSED)
+            except OSError:
+                pass
+
+    scp = StorageSCP(settings, store, detached=True, on_conn_close=closed)
+    scp.start()
+    _freeze_heap()
+
+    def take() -> None:
+        while not stop.is_set():
+            try:
+                msg, fds, _, _ = socket.recv_fds(chan, 1024, 4)
+            except OSError:
+                break
+            if not msg and not fds:
+                break  # the node process is gone (or closed our pair)
+            for fd in fds:
+                conn = socket.socket(fileno=fd)
+                try:
+                    host, port = json.loads(msg)
+                    scp.adopt(conn, (str(host), int(port)))
+                except Exception:  # noqa: BLE001 - one bad hand-over must not stop us
+                    log.exception("cannot serve a handed-over connection",
+                                  extra=kv(receiver=index))
+                    conn.close()
+                    closed()
+        stop.set()
+
+    reader = threading.Thread(target=take, name=f"receiver-{index}-take", daemon=True)
+    reader.start()
+    with send_lock:
+        chan.send(READY)
+    log.info("receiver process serving", extra=kv(receiver=index, pid=os.getpid()))
+    while not stop.wait(0.5):
+        if os.getppid() != parent_pid:
+            break
+    if os.getppid() != parent_pid or not reader.is_alive():
+        log.error("node process gone; receiver stopping", extra=kv(receiver=index))
+    scp.stop()
+    store.close()
+    chan.close()
