@@ -15,12 +15,14 @@ PostgreSQL is used through psycopg2 with READ COMMITTED; queue claims use
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from dicomnode.config import DatabaseConfig
@@ -69,7 +71,12 @@ def make_engine(cfg: DatabaseConfig) -> Engine:
         def _on_begin(conn: Any) -> None:
             # Writers take the lock up front: no SQLITE_BUSY on upgrade mid-transaction.
             mode = "BEGIN" if conn.info.get("readonly") else "BEGIN IMMEDIATE"
-            conn.exec_driver_sql(mode)
+            # Straight on the driver's connection: through exec_driver_sql this
+            # statement cost as much Python time as the instance's own rows.
+            try:
+                conn.connection.driver_connection.execute(mode)
+            except sqlite3.Error as exc:  # as SQLAlchemy would raise it (retried by Store)
+                raise DBAPIError.instance(mode, (), exc, sqlite3.Error) from exc
 
         return engine
     if url.get_backend_name() == "postgresql":
