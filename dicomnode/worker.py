@@ -849,13 +849,20 @@ def _holder_pid(worker_id: str | None) -> int | None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Is ``pid`` a running process? A zombie (killed, not yet reaped: its parent,
+    the killed node, is gone and init has not collected it) is not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): trust kill(0)
+    return state not in (b"Z", b"X")
 
 
 def release_jobs(store: Store, reason: str, *, holders: Sequence[str] | None = None) -> list[int]:
@@ -1065,6 +1072,7 @@ class ChildProcesses:
         self._started: list[float] = []
         self._delay: list[float] = []
         self._stop = threading.Event()
+        self._recheck = False  # other local processes still held work at start
         self._monitor = threading.Thread(target=self._supervise, name=f"{name}-supervisor",
                                          daemon=True)
 
@@ -1075,21 +1083,35 @@ class ChildProcesses:
         p.start()
         return p
 
-    def _release(self, reason: str, holders: Sequence[str] | None = None) -> None:
-        """Re-queue what dead children held (jobs or deliveries), not waiting for leases."""
+    def _release(self, reason: str, holders: Sequence[str] | None = None) -> bool:
+        """Re-queue what dead children held (jobs or deliveries), not waiting for leases.
+
+        Returns True when work is still held by processes of this host that are
+        not our children and still exist (maybe a killed node's, still dying):
+        the supervisor then looks again.
+        """
         try:
             with Store.open(self.settings) as store:
                 if self.name == "worker":
                     release_jobs(store, reason, holders=holders)
+                    held = [j.worker_id for j in store.list_jobs(states=[JobState.RUNNING],
+                                                                 limit=10000)]
                 elif self.name == "dispatcher":
                     release_deliveries(store, holders=holders)
+                    held = list(store.delivery_holders())
+                else:
+                    return False
         except Exception:  # noqa: BLE001 - the leases expire anyway
             log.exception("releasing work of dead children failed; their leases expire")
+            return False
+        mine = {p.pid for p in self._procs}
+        return any((pid := _holder_pid(h)) is not None and pid not in mine
+                   and _pid_alive(pid) for h in held)
 
     def start(self) -> None:
         # Jobs (deliveries) of this host's workers (dispatchers) that died with a
         # previous node (kill -9, power loss) need not wait for their lease.
-        self._release("worker lost (its process is gone; node restarted)")
+        self._recheck = self._release("worker lost (its process is gone; node restarted)")
         self._procs = [self._spawn(i) for i in range(self.count)]
         self._started = [time.monotonic()] * self.count
         self._delay = [1.0] * self.count
@@ -1098,7 +1120,17 @@ class ChildProcesses:
             service=self.name, pids=[p.pid for p in self._procs]))
 
     def _supervise(self) -> None:
+        started, last_look = time.monotonic(), time.monotonic()
         while not self._stop.wait(0.5):
+            # Work of this host's processes that died with a previous node is
+            # released at start; a killed process can take seconds to disappear
+            # (memory teardown, reaping by init), so while other local processes
+            # still hold work, look again every 2 s for a minute.
+            if (self._recheck and time.monotonic() - last_look >= 2.0
+                    and time.monotonic() - started < 60):
+                last_look = time.monotonic()
+                self._recheck = self._release("worker lost (its process is gone; "
+                                              "node restarted)")
             for i, p in enumerate(self._procs):
                 if p.is_alive() or self._stop.is_set():
                     continue

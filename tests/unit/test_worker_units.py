@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -175,3 +176,26 @@ def test_wakeup_crosses_processes_and_survives_a_killed_waiter() -> None:
     t = threading.Thread(target=lambda: (wake.set(), done.set()), daemon=True)
     t.start()
     assert done.wait(30), "setting the WakeUp blocked after its waiter died"
+
+
+def test_a_zombie_holder_is_not_alive() -> None:
+    """A killed worker that nobody reaped yet (its node was killed too) still has a
+    pid; its job must be released at restart all the same."""
+    import subprocess
+    import sys
+
+    from dicomnode.worker import _pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # exited, not waited for: a zombie
+        with open(f"/proc/{child.pid}/stat", "rb") as f:
+            if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                break
+        time.sleep(0.05)
+    try:
+        assert not _pid_alive(child.pid)
+        assert _pid_alive(os.getpid())
+    finally:
+        child.wait(10)
+    assert not _pid_alive(child.pid)
