@@ -12,6 +12,7 @@ import contextlib
 import enum
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +51,7 @@ from dicomnode.store._common import (
     utcnow,
     versions,
 )
+from dicomnode.store.fastrecord import FastRecorder
 from dicomnode.store.outbox import NewDelivery
 from dicomnode.store.parse import InstanceMeta, read_meta
 
@@ -127,6 +129,9 @@ class Store:
         # Threads for file durability (fsync releases the GIL), see ingest().
         self._io = ThreadPoolExecutor(max_workers=max(4, settings.node.max_associations),
                                       thread_name_prefix="store-io")
+        # SQLite: the common case of recording an instance without SQLAlchemy's
+        # per-statement cost (store/fastrecord.py); None elsewhere.
+        self._fast = FastRecorder.for_engine(engine, settings.database.busy_timeout_ms)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -157,6 +162,8 @@ class Store:
 
     def close(self) -> None:
         self._io.shutdown(wait=True)
+        if self._fast is not None:
+            self._fast.close()
         self.engine.dispose()
 
     def __enter__(self) -> Store:
@@ -279,7 +286,15 @@ class Store:
                 # Ids cached inside this (now rolled back) transaction may not exist.
                 self._ids = series_mod.IdCache()
                 raise
-        rec = self._tx(tx)
+        rec = None
+        if self._fast is not None:
+            try:
+                rec = self._fast.record(meta, relpath=rel, size=size, now=now, cache=self._ids,
+                                        use_expected_counts=cfg.use_expected_counts)
+            except (DBAPIError, sqlite3.Error) as exc:
+                raise StoreError(f"database: {exc}") from exc
+        if rec is None:
+            rec = self._tx(tx)
         outcome = IngestOutcome.REPLACED if rec.was_duplicate else IngestOutcome.STORED
         if rec.job is not None:
             log.info("series complete (expected count reached)", extra=kv(
