@@ -7,8 +7,8 @@ row. Through SQLAlchemy Core those three statements and the transaction cost
 more Python time than reading, checking and writing the 0.5 MB instance
 itself (py-spy, three concurrent senders). :class:`FastRecorder` runs the very
 same statements (compiled once from :mod:`dicomnode.store.series`'s SQLAlchemy
-constructs, values converted by SQLAlchemy's own bind processors) on a
-per-thread ``sqlite3`` connection.
+constructs, values converted by SQLAlchemy's own bind processors) on
+``sqlite3`` connections of its own.
 
 It handles only the common case and says so by returning ``None`` otherwise,
 after rolling back: a study or series this process has not seen yet, no open
@@ -59,13 +59,17 @@ class _Compiled:
 
 
 class FastRecorder:
-    """Per-thread sqlite3 connections to the store's database for the common case."""
+    """A small pool of sqlite3 connections to the store's database for the common case.
+
+    (Not one per thread: every association is a new thread.)
+    """
+
+    KEEP_IDLE = 8
 
     def __init__(self, engine: Engine, busy_timeout_ms: int) -> None:
         self.path = engine.url.database or ""
         self.busy = busy_timeout_ms
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        self._idle: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self.sel_old = _Compiled(series_mod._SEL_OLD, engine)
         self.upd_open = _Compiled(series_mod._UPD_OPEN, engine)
@@ -80,29 +84,34 @@ class FastRecorder:
             return None
         return cls(engine, busy_timeout_ms)
 
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                   timeout=self.busy / 1000)
-            # As dicomnode.store.db configures every connection of the engine.
-            conn.execute(f"PRAGMA busy_timeout={int(self.busy)}")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = conn
-            with self._lock:
-                self._all.append(conn)
+    def _acquire(self) -> sqlite3.Connection:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                               timeout=self.busy / 1000)
+        # As dicomnode.store.db configures every connection of the engine.
+        conn.execute(f"PRAGMA busy_timeout={int(self.busy)}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
         return conn
+
+    def _release(self, conn: sqlite3.Connection) -> None:
+        with self._lock:
+            if len(self._idle) < self.KEEP_IDLE and not conn.in_transaction:
+                self._idle.append(conn)
+                return
+        conn.close()
 
     def close(self) -> None:
         with self._lock:
-            for c in self._all:
-                try:
-                    c.close()
-                except sqlite3.Error:
-                    pass
-            self._all.clear()
+            idle, self._idle = self._idle, []
+        for c in idle:
+            try:
+                c.close()
+            except sqlite3.Error:
+                pass
 
     def record(self, m: InstanceMeta, *, relpath: str, size: int, now: datetime,
                cache: series_mod.IdCache, use_expected_counts: bool,
@@ -115,8 +124,9 @@ class FastRecorder:
             return None
         delay = 0.01
         for i in range(attempts):
+            conn = self._acquire()
             try:
-                return self._tx(m, se_id, relpath, size, now, use_expected_counts)
+                return self._tx(conn, m, se_id, relpath, size, now, use_expected_counts)
             except sqlite3.OperationalError as exc:  # locked beyond busy_timeout: retry
                 if i == attempts - 1:
                     raise DBAPIError.instance("record instance", (), exc,
@@ -125,11 +135,13 @@ class FastRecorder:
                 delay = min(delay * 2, 0.5)
             except sqlite3.IntegrityError:
                 return None  # a race with another writer: the general path sorts it out
+            finally:
+                self._release(conn)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _tx(self, m: InstanceMeta, se_id: int, relpath: str, size: int, now: datetime,
+    def _tx(self, conn: sqlite3.Connection, m: InstanceMeta, se_id: int, relpath: str,
+            size: int, now: datetime,
             use_expected_counts: bool) -> series_mod.Recorded | None:
-        conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
             old = conn.execute(self.sel_old.sql, self.sel_old.params(
