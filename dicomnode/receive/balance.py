@@ -83,6 +83,9 @@ class ReceiverPool:
                               name=f"dicomnode-receiver-{index}", daemon=True)
         p.start()
         theirs.close()
+        # A receiving process that stops reading must not block the node's accept loop:
+        # after this long the connection is served by the node process instead.
+        mine.settimeout(2.0)
         child = _Child(index, p, mine)
         self._sel.register(mine, selectors.EVENT_READ, child)
         return child
