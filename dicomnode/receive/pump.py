@@ -191,9 +191,14 @@ class Pump:
             n = self.end - self.start
             self.buf[:n] = self.buf[self.start:self.end]
             self.start, self.end = 0, n
+        self.end += self._recv(self.view[self.end:], pending)
+
+    def _recv(self, dest: memoryview, pending: list[bytes]) -> int:
+        """Read at least one byte into ``dest`` (waiting for it); hand back if the
+        connection closed or broke."""
         while True:
             try:
-                n = self.sock.recv_into(self.view[self.end:], 0, socket.MSG_DONTWAIT)
+                n = self.sock.recv_into(dest, 0, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 self._wait(pending)
                 continue
@@ -203,9 +208,8 @@ class Pump:
             if n == 0:
                 self._check_local()
                 raise Handback(pending)
-            self.end += n
             self.last_io = time.monotonic()
-            return
+            return n
 
     def _wait(self, pending: list[bytes]) -> None:
         while True:
@@ -236,19 +240,7 @@ class Pump:
             self.start += have
         got = have
         while got < len(dest):
-            try:
-                n = self.sock.recv_into(dest[got:], 0, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                self._wait(pending)
-                continue
-            except OSError:
-                self._check_local()
-                raise Handback(pending) from None
-            if n == 0:
-                self._check_local()
-                raise Handback(pending)
-            got += n
-            self.last_io = time.monotonic()
+            got += self._recv(dest[got:], pending)
 
     def _read_bytes(self, n: int, pending: list[bytes]) -> bytearray:
         out = bytearray(n)
