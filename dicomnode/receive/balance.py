@@ -167,7 +167,8 @@ class ReceiverPool:
             except OSError as exc:
                 log.warning("cannot hand a connection to a receiver process; serving it here",
                             extra=kv(receiver=best.index, error=str(exc)))
-                best.ready = False
+                if not isinstance(exc, TimeoutError):
+                    best.ready = False  # gone: check() restarts it
                 self._local_active += 1
                 return False
             best.active += 1
