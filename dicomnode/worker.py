@@ -627,10 +627,17 @@ class Worker:
                 log.warning("waking the dispatcher failed", exc_info=True)
         return report
 
-    def run(self, stop: threading.Event, *, until_idle: bool = False) -> int:
-        """Loop until ``stop`` is set (or, with ``until_idle``, no job is due); jobs done."""
+    def run(self, stop: threading.Event, *, until_idle: bool = False,
+            wake: WakeUp | None = None) -> int:
+        """Loop until ``stop`` is set (or, with ``until_idle``, no job is due); jobs done.
+
+        ``wake`` (a :class:`WakeUp`): set on this node when a series completes, so
+        that an idle worker claims its job now instead of at its next poll.
+        """
         n = 0
         while not stop.is_set():
+            if wake is not None:
+                wake.clear()  # set again by anything completed from now on
             try:
                 report = self.poll_once()
             except StoreError as exc:
@@ -641,7 +648,10 @@ class Worker:
                 continue
             if until_idle:
                 break
-            stop.wait(self.settings.worker.poll_seconds)
+            if wake is not None:
+                wake.wait(self.settings.worker.poll_seconds)
+            else:
+                stop.wait(self.settings.worker.poll_seconds)
         return n
 
 
@@ -992,16 +1002,17 @@ def _warm_up_and_freeze(pipeline: Pipeline) -> None:
     gc.freeze()
 
 
-def worker_main(settings: Settings, index: int, wake: WakeUp | None = None) -> None:
+def worker_main(settings: Settings, index: int, wake: WakeUp | None = None,
+                jobs: WakeUp | None = None) -> None:
     """Entry point of a worker process (spawned: starts clean, no inherited threads).
 
     ``wake``: a :class:`WakeUp` shared with the dispatcher, set when a job
     queued deliveries so that the dispatcher sends them now instead of at its
-    next poll.
+    next poll. ``jobs``: set by the node when a series completed (a job is due).
     """
     setup_logging(settings.logging.level, settings.logging.json, settings.logging.file)
     stop = threading.Event()
-    _child_signals(stop)
+    _child_signals(stop, jobs)
     store = Store.open(settings)
     try:
         worker = Worker(settings, store, worker_id=worker_identity("worker", index))
@@ -1013,7 +1024,7 @@ def worker_main(settings: Settings, index: int, wake: WakeUp | None = None) -> N
                          daemon=True).start()
         log.info("worker process ready", extra=kv(worker=worker.worker_id,
                                                   models=",".join(worker.pipeline.registry.names())))
-        worker.run(stop)
+        worker.run(stop, wake=jobs)
     finally:
         store.close()
 
@@ -1187,7 +1198,12 @@ def services(settings: Settings, *, workers: int | None = None,
     wake = WakeUp() if n > 0 and dispatch else None
     extra = (wake,) if wake is not None else ()
     if n > 0:
-        out.append(ChildProcesses("worker", worker_main, settings, n, extra))
+        # The node wakes its workers when a series completes (job_due below);
+        # they still poll for jobs queued by other hosts and retries.
+        jobs = WakeUp()
+        workers_svc = ChildProcesses("worker", worker_main, settings, n, (wake, jobs))
+        workers_svc.job_due = jobs.set  # type: ignore[attr-defined]
+        out.append(workers_svc)
     if dispatch:
         out.append(ChildProcesses("dispatcher", dispatcher_main, settings, 1, extra))
     return out

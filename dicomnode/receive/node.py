@@ -59,6 +59,8 @@ class CompletenessTracker:
     def __init__(self, store: Store, interval: float) -> None:
         self.store = store
         self.interval = interval
+        # Called when series completed (the node's workers claim their jobs now).
+        self.on_jobs: list[Any] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
 
@@ -68,7 +70,9 @@ class CompletenessTracker:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.store.complete_quiet_series()
+                if self.store.complete_quiet_series():
+                    for call in self.on_jobs:
+                        call()
             except Exception:  # noqa: BLE001 - keep tracking; the next tick retries
                 log.exception("completeness check failed")
 
@@ -137,6 +141,11 @@ class Node:
         for svc in services:
             svc.start()
             self.services.append(svc)
+            job_due = getattr(svc, "job_due", None)
+            if callable(job_due):  # workers to wake when a series completes
+                tracker.on_jobs.append(job_due)
+                if self.scp is not None:
+                    self.scp.on_job = job_due
         _freeze_heap()
         log.info("node ready", extra=kv(
             ae_title=s.node.ae_title, host=s.node.host, port=s.node.port,

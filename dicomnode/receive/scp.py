@@ -259,6 +259,8 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._space_at = -1e9
         self._space_free = 0.0
+        # Called when an instance completed its series by count (a job is due).
+        self.on_job: Any = None
 
     def _build_ae(self) -> AE:
         n = self.settings.node
@@ -532,6 +534,8 @@ class StorageSCP:
             return self._fail(assoc, STORE_FAILED, "cannot record instance", error=str(exc),
                               sop_instance_uid=meta.sop_instance_uid)
         self._count(assoc, True, len(body))
+        if result.job is not None and self.on_job is not None:
+            self.on_job()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("instance stored", extra=kv(
                 **_assoc_fields(assoc), outcome=result.outcome.value,
