@@ -1076,6 +1076,8 @@ class ChildProcesses:
         self.name = name  # "worker" or "dispatcher": also the role in the children's ids
         self.target = target
         self.extra_args = extra_args  # after (settings, index): e.g. the shared wake event
+        # Workers only: wakes them when a series completes (the node's tracker and SCP call it).
+        self.job_due: Callable[[], None] | None = None
         self.settings = _parent_logging(settings)
         self.count = count
         self._ctx = mp.get_context("spawn")
@@ -1202,7 +1204,7 @@ def services(settings: Settings, *, workers: int | None = None,
         # they still poll for jobs queued by other hosts and retries.
         jobs = WakeUp()
         workers_svc = ChildProcesses("worker", worker_main, settings, n, (wake, jobs))
-        workers_svc.job_due = jobs.set  # type: ignore[attr-defined]
+        workers_svc.job_due = jobs.set
         out.append(workers_svc)
     if dispatch:
         out.append(ChildProcesses("dispatcher", dispatcher_main, settings, 1, extra))

@@ -117,6 +117,7 @@ class ReceiverPool:
                     self._children[i] = self._spawn(c.index)
 
     def _drop(self, c: _Child) -> None:
+        """Stop listening to a receiving process and close our end (idempotent)."""
         c.ready = False
         try:
             self._sel.unregister(c.chan)
@@ -139,8 +140,7 @@ class ReceiverPool:
                 c.proc.join(1)
         with self._lock:
             for c in children:
-                if c.chan.fileno() >= 0:
-                    self._drop(c)
+                self._drop(c)  # idempotent
         if self._reader is not None:
             self._reader.join(2)
 
@@ -207,12 +207,8 @@ class ReceiverPool:
                         log.info("receiver process ready", extra=kv(
                             receiver=child.index, pid=child.proc.pid))
                     elif not msg:  # the process is gone: check() restarts it
-                        child.ready = False
                         child.active = 0
-                        try:
-                            self._sel.unregister(child.chan)
-                        except (KeyError, ValueError):
-                            pass
+                        self._drop(child)
 
 
 def receiver_main(settings: Settings, index: int, parent_pid: int, chan: socket.socket) -> None:

@@ -42,6 +42,17 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
+def configure_sqlite(dbapi_conn: Any, busy_timeout_ms: int) -> None:
+    """Settings every SQLite connection to the store's database gets (the engine's,
+    and store/fastrecord.py's own): busy timeout, WAL, synchronous NORMAL, foreign keys."""
+    cur = dbapi_conn.cursor()
+    cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
 def make_engine(cfg: DatabaseConfig) -> Engine:
     """Create an engine for ``cfg.url`` with the node's connection settings."""
     try:
@@ -60,12 +71,7 @@ def make_engine(cfg: DatabaseConfig) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            cur.execute(f"PRAGMA busy_timeout={busy}")
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
+            configure_sqlite(dbapi_conn, busy)
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Any) -> None:

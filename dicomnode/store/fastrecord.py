@@ -29,6 +29,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
+from dicomnode.store import db
 from dicomnode.store import series as series_mod
 from dicomnode.store.parse import InstanceMeta
 
@@ -90,11 +91,7 @@ class FastRecorder:
                 return self._idle.pop()
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                timeout=self.busy / 1000)
-        # As dicomnode.store.db configures every connection of the engine.
-        conn.execute(f"PRAGMA busy_timeout={int(self.busy)}")
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA foreign_keys=ON")
+        db.configure_sqlite(conn, self.busy)
         return conn
 
     def _release(self, conn: sqlite3.Connection) -> None:
