@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from dicomnode.cli.common import settings_from_args
 from dicomnode.domain import Delivery, DeliveryState, Job, JobState
+
+T = TypeVar("T")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -101,6 +104,18 @@ def _delivery_line(d: Delivery) -> str:
 # --------------------------------------------------------------------------- jobs
 
 
+def _print_rows(rows: Sequence[T], as_json: bool, to_dict: Callable[[T], dict[str, Any]],
+                to_line: Callable[[T], str], empty: str) -> None:
+    """A listing: JSON (``--json``), one line per row, or ``empty`` when there is none."""
+    if as_json:
+        print(json.dumps([to_dict(r) for r in rows], indent=2))
+    elif not rows:
+        print(empty)
+    else:
+        for r in rows:
+            print(to_line(r))
+
+
 def _jobs_list(args: argparse.Namespace) -> int:
     from dicomnode.store import Store
 
@@ -108,13 +123,7 @@ def _jobs_list(args: argparse.Namespace) -> int:
     with Store.open(settings) as store:
         jobs = store.list_jobs(states=args.state, study_uid=args.study, series_uid=args.series,
                                limit=args.limit)
-    if args.json:
-        print(json.dumps([job_dict(j) for j in jobs], indent=2))
-    elif not jobs:
-        print("no jobs")
-    else:
-        for j in jobs:
-            print(_job_line(j))
+    _print_rows(jobs, args.json, job_dict, _job_line, "no jobs")
     return 0
 
 
@@ -198,13 +207,7 @@ def _deliveries_list(args: argparse.Namespace) -> int:
         else:
             dels = store.list_deliveries(job_id=args.job, states=args.state,
                                          destination=args.destination, limit=args.limit)
-    if args.json:
-        print(json.dumps([delivery_dict(d) for d in dels], indent=2))
-    elif not dels:
-        print("no deliveries")
-    else:
-        for d in dels:
-            print(_delivery_line(d))
+    _print_rows(dels, args.json, delivery_dict, _delivery_line, "no deliveries")
     return 0
 
 
