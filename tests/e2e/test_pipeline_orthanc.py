@@ -16,6 +16,7 @@ import pydicom
 import pytest
 
 from dicomnode.cli.demo import SAMPLE, write_sample_series
+from dicomnode.store import Store
 from tests.support.infer_data import cranium_ct_series, load_colin27
 from tests.support.peers import Orthanc, dciodvfy, orthanc_running
 from tests.support.pipeline_env import orthanc_by_modality, orthanc_instance_file
@@ -134,10 +135,16 @@ def test_pacs_down_at_delivery_then_back(tmp_path: Path) -> None:
     with orthanc_running(workdir=tmp_path / "pacs") as pacs:
         for p in fx.paths:
             pacs.upload(p)
-        node = start_pipeline_node(tmp_path / "node", orthanc=pacs, routes=[CT_RULE])
+        # The series completes only when the test says so, after the PACS is down:
+        # with the usual 2 s quiet window the results were sometimes ready (and
+        # delivered) while Orthanc was still shutting down.
+        node = start_pipeline_node(tmp_path / "node", orthanc=pacs, routes=[CT_RULE],
+                                   completion={"series_quiet_seconds": 3600})
         try:
             orthanc_send_study(pacs, fx.study_uid)
             pacs.stop()  # the PACS goes down before the results are ready
+            with Store.open(node.settings) as store:
+                store.enqueue(fx.series_uid)  # as the completeness tracker would
 
             def retrying() -> list[dict[str, Any]]:
                 ds = node.deliveries()
