@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 APT_PACKAGES := dcmtk orthanc dicom3tools mricron-data invesalius-examples podman runc debootstrap
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-dev apt run test test-fast bench lint typecheck container-test clean
+.PHONY: setup setup-dev apt run test test-fast bench lint docs container-test clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,8 @@ run: setup
 	$(VENV)/bin/dicomnode db upgrade
 	$(VENV)/bin/dicomnode serve
 
-test: setup apt
+# The architecture rules (lint) are part of the test command, and so of CI.
+test: setup apt lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup
@@ -45,9 +46,17 @@ container-test: setup apt
 bench: setup apt
 	$(PY) -m benchmarks
 
+# ruff, mypy, the import-linter contracts in pyproject.toml (layers, no cycles) and the
+# check that no module outside dicomnode/compat/ touches a library's private names.
 lint: setup
 	$(VENV)/bin/ruff check dicomnode tests benchmarks
 	$(VENV)/bin/mypy dicomnode
+	$(VENV)/bin/lint-imports --no-cache
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_compat.py
+
+# docs/configuration.md is generated from the settings model (a test fails when it is stale).
+docs: setup
+	$(PY) -m dicomnode.config_docs > docs/configuration.md
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

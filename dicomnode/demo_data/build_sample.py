@@ -21,7 +21,7 @@ OUT = Path(__file__).with_name("colin27_t1_2mm.npz")
 
 
 def build(source: Path = SOURCE, out: Path = OUT) -> Path:
-    import nibabel as nib
+    import nibabel as nib  # a development dependency: only the maintainer rebuilds the sample
 
     img = nib.as_closest_canonical(nib.load(source))  # RAS
     data = np.asarray(img.dataobj, dtype=np.float32)

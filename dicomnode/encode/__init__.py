@@ -29,6 +29,9 @@ from dicomnode.encode.common import (
     load_sources,
     validate_result,
 )
+from dicomnode.encode.sc import encode_sc
+from dicomnode.encode.seg import encode_seg
+from dicomnode.encode.sr import encode_sr
 from dicomnode.logs import kv
 
 __all__ = ["DEFAULT_CAVEAT", "FORMATS", "EncodeOptions", "encode_results", "load_sources",
@@ -69,10 +72,6 @@ def encode_results(
     dicomnode.errors.EncodeError
         The result or the sources cannot be encoded; the message says why.
     """
-    from dicomnode.encode.sc import encode_sc
-    from dicomnode.encode.seg import encode_seg
-    from dicomnode.encode.sr import encode_sr
-
     options = options or EncodeOptions()
     wanted = check_formats(formats)
     validate_result(result)

@@ -29,6 +29,7 @@ from dicomnode.encode.common import (
     copy_source_context,
     validate_result,
 )
+from dicomnode.encode.seg import seg_subject
 from dicomnode.errors import EncodeError
 
 _MIN_SIDE = 448  # upscale until the short side is at least this many pixels
@@ -239,8 +240,6 @@ def encode_sc(
                                 options.series_number_base)
     subject = ""
     if result.segmentation is not None:
-        from dicomnode.encode.seg import seg_subject
-
         subject = seg_subject(result)
     elif result.classifications:
         subject = ", ".join(c.spec.name for c in result.classifications)[:30] + " saliency"

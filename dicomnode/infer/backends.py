@@ -32,6 +32,7 @@ class OnnxBackend:
     """onnxruntime on CPU (or the first available execution provider asked for)."""
 
     def __init__(self, path: Path, threads: int = 0, providers: tuple[str, ...] = ()):
+        # Imported on first use (0.2 s): the CLI and processes that load no model skip it.
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -75,7 +76,7 @@ class TorchScriptBackend:
 
     def __init__(self, path: Path, threads: int = 0):
         try:
-            import torch
+            import torch  # optional dependency (the torch extra); 1.8 s to import
         except ImportError as exc:  # optional extra
             raise ModelError(f"{path}: runtime.backend torchscript needs the torch extra "
                              "(pip install 'dicomnode[torch]')") from exc
@@ -88,7 +89,7 @@ class TorchScriptBackend:
                 from exc
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
-        import torch
+        import torch  # optional dependency: present once __init__ succeeded
 
         with self._lock:
             if self.threads:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from dicomnode.errors import ModelError
 from dicomnode.infer.manifest import NormStep
@@ -104,7 +105,6 @@ def resize_nearest(a: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 def resample(a: np.ndarray, src_spacing: Sequence[float], dst_spacing: Sequence[float],
              order: int = 1) -> np.ndarray:
     """Resample a 3D array from one voxel spacing to another (linear by default)."""
-    from scipy import ndimage
 
     factors = [s / d for s, d in zip(src_spacing, dst_spacing, strict=True)]
     if np.allclose(factors, 1.0, atol=1e-3):
@@ -115,7 +115,6 @@ def resample(a: np.ndarray, src_spacing: Sequence[float], dst_spacing: Sequence[
 
 def resample_to_shape(a: np.ndarray, shape: Sequence[int], order: int = 1) -> np.ndarray:
     """Resample the last three axes of ``a`` (float) to exactly ``shape``."""
-    from scipy import ndimage
 
     lead = a.ndim - 3
     if tuple(a.shape[lead:]) == tuple(shape):

@@ -18,6 +18,7 @@ from dicomnode.domain import (
 )
 from dicomnode.errors import ModelError
 from dicomnode.infer import postprocess as post
+from dicomnode.infer import saliency
 from dicomnode.infer.backends import Backend, create_backend
 from dicomnode.infer.manifest import Manifest
 from dicomnode.infer.preprocess import (
@@ -238,8 +239,6 @@ class ModelRunner:
 
     def _classification(self, volume: Volume, x: np.ndarray, out: np.ndarray,
                         ctx: dict[str, object], timings: dict[str, float]) -> InferenceResult:
-        from dicomnode.infer import saliency
-
         m = self.manifest
         o = m.output
         probs = self._class_probabilities(out)

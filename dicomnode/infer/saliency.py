@@ -73,7 +73,7 @@ def _submodule(module: object, dotted: str) -> object:
 def gradcam(backend: object, x: np.ndarray, class_index: int, layer: str, head: str) -> np.ndarray:
     """Grad-CAM for a TorchScript model split as ``head(layer(x))`` -> logits."""
     try:
-        import torch
+        import torch  # optional dependency (the torch extra); 1.8 s to import
         import torch.nn.functional as F
     except ImportError as exc:
         raise ModelError("Grad-CAM needs torch (pip install 'dicomnode[torch]')") from exc

@@ -14,6 +14,7 @@ made by :func:`phantom_ct` and :func:`phantom_mr` and written by
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,6 @@ def update_manifest_sha256(manifest: Path, file: str, sha256: str) -> bool:
 
     Edits only that line so comments and layout stay. Returns True when changed.
     """
-    import re
 
     lines = manifest.read_text(encoding="utf-8").splitlines(keepends=True)
     for i, line in enumerate(lines):
