@@ -21,7 +21,7 @@ Semantics
 * ``exists: true`` means present with a non-empty value; ``missing: true``
   means absent or empty (type 2 attributes are often present but empty).
 
-YAML syntax (see the README section "routing")::
+YAML syntax (see docs/routing.md)::
 
     routes:
       - name: mr-brain-t1

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "models",
         help="list, verify or run the installed models",
         description="Models live under models.path, one folder with a model.yaml each "
-        "(README: models).",
+        "(docs/models.md).",
     )
     msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
 

@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "routes",
         help="check the routing rules or explain which rule a series matches",
-        description="Routing rules live under routes: in the configuration (README: routing).",
+        description="Routing rules live under routes: in the configuration (docs/routing.md).",
     )
     rsub = p.add_subparsers(dest="routes_command", metavar="ACTION", required=True)
 

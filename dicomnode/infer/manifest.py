@@ -6,7 +6,7 @@ preparation, runtime, outputs and measurements. Every problem is reported as
 :class:`~dicomnode.errors.ModelError` naming the file and the key, e.g.
 ``models/x/model.yaml: input.patch_size: must be 3 positive integers``.
 
-See README section "models" for a worked example of every key.
+See docs/models.md for a worked example of every key.
 """
 
 from __future__ import annotations
