@@ -60,11 +60,14 @@ class NodeConfig:
     """Maximum PDU we receive, in bytes; ``0`` is unlimited (the fastest: DCMTK then sends
     128 KiB PDUs). Allowed: 0 or positive."""
     acse_timeout: float = 30.0
-    """Seconds to wait for association negotiation messages."""
+    """Seconds to wait for an association negotiation or release message (on the
+    dispatcher's outgoing associations too)."""
     dimse_timeout: float = 60.0
-    """Seconds to wait for a DIMSE message."""
+    """Seconds to wait for the next part of a DIMSE message (on the dispatcher's outgoing
+    associations too)."""
     network_timeout: float = 60.0
-    """Seconds an idle connection is kept open."""
+    """Seconds without any traffic after which an association is closed (on the
+    dispatcher's outgoing associations too)."""
     receivers: int = 1
     """Receiving processes. The node process accepts every connection and hands it to the
     least busy one (itself included); more use more cores: set it to the number of cores
@@ -335,7 +338,7 @@ class Settings:
     # the known models and destinations.
     routes: tuple[Mapping[str, Any], ...] = ()
     """Ordered routing rules: which models run on which series, where results go
-    (docs/routing.md). Empty: every installed model whose manifest applies runs and
+    (``docs/routing.md``). Empty: every installed model whose manifest applies runs and
     nothing is sent."""
     notifications: tuple[NotificationConfig, ...] = ()
     """Webhooks and HL7 listeners told about each result."""
