@@ -168,10 +168,10 @@ _HEADER = f"""\
 <!-- Generated from dicomnode/config.py by `{REGENERATE}`.
      Edit the docstrings there, not this file: a test fails when the two differ. -->
 
-The node reads one YAML file: `dicomnode --config node.yaml serve` (or `-c`), or the
-file named by `$DICOMNODE_CONFIG`; with no file it runs on the defaults below.
-(`dicomnode serve --config node.yaml`, the option after the command, is being made to
-work the same way.)
+The node reads one YAML file, named by `--config` (`-c`) before or after the command
+(`dicomnode --config node.yaml serve`, `dicomnode serve --config node.yaml`), else by
+`$DICOMNODE_CONFIG`; with no file it runs on the defaults below. Every command
+(`serve`, `worker`, `jobs`, `routes` ...) reads the same settings.
 
 Every key can be overridden by an environment variable
 `DICOMNODE_<SECTION>__<KEY>` (upper case, a double underscore between the parts),
