@@ -98,3 +98,22 @@ def test_render_lists_every_key_with_its_environment_variable() -> None:
     assert "`destinations[].ae_title`" in text
     assert "source" not in {k.key for _, _, ks in config_docs.sections() for k in ks}
     assert "| `node.port` | integer | `11112` | 1-65535 |" in text
+
+
+def test_docs_name_only_settings_that_exist() -> None:
+    # `node.port`, `worker.backoff_*` ... in README.md and docs/*.md must be real keys.
+    root = DOC.parents[1]
+    hints = typing.get_type_hints(Settings)
+    sections = {name: {f.name for f in dataclasses.fields(tp)} for name, tp in hints.items()
+                if isinstance(tp, type) and dataclasses.is_dataclass(tp)}
+    pattern = re.compile(r"`(" + "|".join(sections) + r")\.([a-z_]+)(\*?)")
+    unknown = []
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for m in pattern.finditer(page.read_text(encoding="utf-8")):
+            section, key, star = m.groups()
+            if key in ("py", "yaml", "md", "json"):  # a file name: `worker.py`, `node.yaml`
+                continue
+            known = sections[section]
+            if not (any(k.startswith(key) for k in known) if star else key in known):
+                unknown.append(f"{page.relative_to(root)}: {m.group(0)}`")
+    assert not unknown, f"the docs name settings that do not exist: {unknown}"
