@@ -39,17 +39,43 @@ def _check_aet(key: str, value: str) -> None:
 
 @dataclass(frozen=True)
 class NodeConfig:
+    """The DICOM service: who we are, where we listen, whom we accept."""
+
     ae_title: str = "DICOMNODE"
+    """Our AE title; an association calling another title is rejected (A-ASSOCIATE-RJ
+    permanent, reason 7 *called AE title not recognised*).
+    Allowed: 1-16 printable ASCII characters, no backslash."""
     host: str = "127.0.0.1"
+    """Listen address; ``0.0.0.0`` accepts connections from the network."""
     port: int = 11112
-    allowed_calling_aets: tuple[str, ...] = ()  # empty: accept any (warned at start)
+    """DICOM port. Allowed: 1-65535."""
+    allowed_calling_aets: tuple[str, ...] = ()
+    """Calling AE titles accepted; others are rejected (reason 3 *calling AE title not
+    recognised*). Empty: accept any caller (logged as a warning at start).
+    Allowed: each 1-16 printable ASCII characters, no backslash."""
     max_associations: int = 16
-    max_pdu: int = 0  # 0 = unlimited
+    """Concurrent associations per receiving process; more are rejected (transient,
+    local limit). Allowed: at least 1."""
+    max_pdu: int = 0
+    """Maximum PDU we receive, in bytes; ``0`` is unlimited (the fastest: DCMTK then sends
+    128 KiB PDUs). Allowed: 0 or positive."""
     acse_timeout: float = 30.0
+    """Seconds to wait for an association negotiation or release message (on the
+    dispatcher's outgoing associations too)."""
     dimse_timeout: float = 60.0
+    """Seconds to wait for the next part of a DIMSE message (on the dispatcher's outgoing
+    associations too)."""
     network_timeout: float = 60.0
-    receivers: int = 1  # number of receiving processes sharing the port (SO_REUSEPORT)
-    fast_receive: bool = True  # serve C-STORE/C-ECHO from the socket (receive/pump.py)
+    """Seconds without any traffic after which an association is closed (on the
+    dispatcher's outgoing associations too)."""
+    receivers: int = 1
+    """Receiving processes. The node process accepts every connection and hands it to the
+    least busy one (itself included); more use more cores: set it to the number of cores
+    when several modalities send at once. Allowed: at least 1."""
+    fast_receive: bool = True
+    """Read the C-STORE and C-ECHO requests of an accepted association straight from the
+    socket (``dicomnode/receive/pump.py``); ``false``: pynetdicom's own reactor serves
+    them (slower; for diagnosis)."""
 
     def validate(self) -> None:
         _check_aet("node.ae_title", self.ae_title)
@@ -67,10 +93,20 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class StorageConfig:
+    """Where received instances and the node's own results are kept."""
+
     path: Path = Path("./var/storage")
+    """Folder of the received instances (``<StudyUID>/<SeriesUID>/<SOPUID>.dcm``) and of
+    the node's own outputs."""
     min_free_mb: int = 1024
+    """Below this free disk space (MiB) a C-STORE is refused with 0xA700 before anything
+    is written. Allowed: 0 or more."""
     duplicate_policy: Literal["replace", "keep"] = "replace"
+    """A SOP Instance UID received again: ``replace`` the file and its row, or ``keep``
+    the first copy. Either way there is never a second row."""
     fsync: bool = True
+    """Flush each file's data (fdatasync) before its rename and fsync its folder after,
+    before acknowledging. Leave it on outside benchmarks of the disk."""
 
     def validate(self) -> None:
         if self.min_free_mb < 0:
@@ -79,9 +115,15 @@ class StorageConfig:
 
 @dataclass(frozen=True)
 class DatabaseConfig:
+    """The job table: SQLite by default, PostgreSQL with the same code."""
+
     url: str = "sqlite:///./var/dicomnode.db"
+    """SQLAlchemy URL, e.g. ``postgresql+psycopg2://user@host/db`` for PostgreSQL.
+    Allowed: a URL containing ``://``."""
     busy_timeout_ms: int = 30000
+    """SQLite: how long a writer waits for the database lock, in milliseconds."""
     echo: bool = False
+    """Log every SQL statement."""
 
     def validate(self) -> None:
         if "://" not in self.url:
@@ -90,9 +132,16 @@ class DatabaseConfig:
 
 @dataclass(frozen=True)
 class CompletionConfig:
+    """When a series counts as complete (and becomes a job)."""
+
     series_quiet_seconds: float = 10.0
+    """A series with no new instance for this many seconds is complete.
+    Allowed: more than 0."""
     check_interval_seconds: float = 1.0
+    """How often, in seconds, the completeness tracker looks. Allowed: more than 0."""
     use_expected_counts: bool = True
+    """Complete a series at once when as many instances as the sender announced (Number
+    of Series Related Instances, else Images in Acquisition) are in."""
 
     def validate(self) -> None:
         if self.series_quiet_seconds <= 0:
@@ -103,9 +152,16 @@ class CompletionConfig:
 
 @dataclass(frozen=True)
 class ModelsConfig:
+    """Which models are installed and offered."""
+
     path: Path = Path("./models")
-    enabled: tuple[str, ...] = ()  # empty: every model found under path
-    threads: int = 0  # 0: onnxruntime default
+    """Folder with one sub-folder (``model.yaml``, weights, licence) per model. When the
+    default ``./models`` does not exist in the current directory, the repository's
+    shipped ``models/`` is used."""
+    enabled: tuple[str, ...] = ()
+    """Names of the models offered; empty: every model found under ``models.path``."""
+    threads: int = 0
+    """onnxruntime intra-op threads; ``0``: onnxruntime's default. Allowed: 0 or more."""
 
     def validate(self) -> None:
         if self.threads < 0:
@@ -114,21 +170,35 @@ class ModelsConfig:
 
 @dataclass(frozen=True)
 class WorkerConfig:
+    """The worker processes (inference) and the dispatcher (deliveries)."""
+
     processes: int = 1
+    """Worker processes ``dicomnode serve`` starts; ``0``: receive only.
+    Allowed: 0 or more."""
     lease_seconds: float = 600.0
+    """A claimed job returns to the queue if its worker does not renew the lease within
+    this many seconds (a heartbeat renews it every quarter lease while a model runs).
+    Allowed: more than 0."""
     poll_seconds: float = 0.5
+    """How often an idle worker looks for jobs, and the dispatcher for deliveries. On one
+    node a series completing wakes the workers, and a job queuing deliveries wakes the
+    dispatcher, at once; the poll finds work queued by other hosts, and retries."""
     max_attempts: int = 5
+    """Attempts (claims) of a job before it is ``failed``. Allowed: at least 1."""
     backoff_base_seconds: float = 5.0
+    """Retry delay after the first failure of a job, delivery or notification; it doubles
+    with each further failure (base x 2^(n-1)), up to ``worker.backoff_max_seconds``."""
     backoff_max_seconds: float = 600.0
-    # A job running longer than this is failed as transient (retried with backoff up
-    # to max_attempts) and its worker process restarted: a hung model must not hold
-    # a lease forever. 0 disables the limit.
+    """The longest retry delay, in seconds."""
     job_timeout_seconds: float = 3600.0
-    # Float32 volume memory each worker reserves and touches at start, then reuses
-    # for every series (it grows to the largest volume seen): a fresh 300-slice CT
-    # volume costs 0.3-0.7 s of page faults in the first job otherwise. 0: reserve
-    # nothing at start (the memory is still reused between jobs).
+    """A job running longer is failed as transient (retried with backoff up to
+    ``worker.max_attempts``) and its worker process restarted: a hung model must not hold
+    a lease forever. ``0``: no limit. Allowed: 0 or more."""
     volume_buffer_mb: int = 320
+    """Float32 volume memory (MiB) each worker reserves and touches at start, then reuses
+    for every series (it grows to the largest volume seen): a fresh 300-slice CT volume
+    otherwise costs 0.3-0.7 s of page faults in the first job. ``0``: reserve nothing at
+    start (the memory is still reused between jobs). Allowed: 0 or more."""
 
     def validate(self) -> None:
         if self.volume_buffer_mb < 0:
@@ -145,15 +215,30 @@ class WorkerConfig:
 
 @dataclass(frozen=True)
 class DestinationConfig:
+    """A PACS (or any C-STORE SCP) that receives results or forwarded instances."""
+
     name: str
+    """The name routing rules use in ``send:`` and ``forward:``. Allowed: distinct
+    among destinations and from every notification name."""
     ae_title: str
+    """The peer's AE title. Allowed: 1-16 printable ASCII characters, no backslash."""
     host: str
+    """The peer's host name or address."""
     port: int
+    """The peer's DICOM port. Allowed: 1-65535."""
     formats: tuple[str, ...] = ("seg", "sr")
+    """Result objects this destination receives: ``seg`` (Segmentation), ``sr``
+    (TID 1500 report), ``sc`` (Secondary Capture overlay). Allowed: seg, sr, sc."""
     keep_empty_frames: bool = False
-    calling_ae_title: str = ""  # default: node.ae_title
+    """Keep SEG frames without segmented pixels (some viewers place frames wrongly when
+    empty ones are omitted); by default they are omitted."""
+    calling_ae_title: str = ""
+    """Our AE title on associations to this peer; empty: ``node.ae_title``."""
     retry_deadline_seconds: float = 3600.0
+    """Transient failures are retried with backoff until this many seconds after the
+    delivery was queued; then it is ``failed``."""
     max_pdu: int = 0
+    """Maximum PDU we receive on associations to this peer, in bytes; ``0``: unlimited."""
 
     def validate(self, key: str) -> None:
         _check_aet(f"{key}.ae_title", self.ae_title)
@@ -169,17 +254,32 @@ class NotificationConfig:
     """Where result summaries go besides PACS: a JSON webhook or HL7 v2 ORU^R01 over MLLP."""
 
     name: str
+    """The name routing rules use in ``notify:``. Allowed: not empty, distinct among
+    notifications and from every destination name."""
     kind: Literal["webhook", "hl7"]
-    url: str = ""  # webhook: http(s) URL receiving a POST of the JSON summary
-    auth_token: str = ""  # webhook: sent as "Authorization: Bearer <token>" when set
-    host: str = ""  # hl7: MLLP listener
+    """``webhook``: POST a JSON summary; ``hl7``: send an HL7 v2.5.1 ORU^R01 over MLLP."""
+    url: str = ""
+    """webhook: the http(s) URL receiving a POST of the JSON summary.
+    Allowed: for a webhook, starts with ``http://`` or ``https://``."""
+    auth_token: str = ""
+    """webhook: sent as ``Authorization: Bearer <token>`` when set."""
+    host: str = ""
+    """hl7: the MLLP listener's host. Allowed: required for hl7."""
     port: int = 0
+    """hl7: the MLLP listener's port. Allowed: for hl7, 1-65535."""
     sending_application: str = "DICOMNODE"
+    """hl7: MSH-3, sending application."""
     sending_facility: str = ""
+    """hl7: MSH-4, sending facility."""
     receiving_application: str = ""
+    """hl7: MSH-5, receiving application."""
     receiving_facility: str = ""
+    """hl7: MSH-6, receiving facility."""
     timeout_seconds: float = 10.0
+    """Seconds to wait for the HTTP response or the HL7 ACK. Allowed: more than 0."""
     retry_deadline_seconds: float = 3600.0
+    """Transient failures are retried with backoff until this many seconds after the
+    notification was queued; then it is ``failed``. Allowed: more than 0."""
 
     def validate(self, key: str) -> None:
         if not self.name.strip():
@@ -199,9 +299,15 @@ class NotificationConfig:
 
 @dataclass(frozen=True)
 class LoggingConfig:
+    """What the node logs, and where."""
+
     level: str = "INFO"
+    """Log level; ``DEBUG`` logs every stored instance.
+    Allowed: DEBUG, INFO, WARNING, ERROR, CRITICAL (any case)."""
     json: bool = False
+    """One JSON object per line (also the ``--log-json`` option)."""
     file: Path | None = None
+    """Log to this file instead of stderr."""
 
     def validate(self) -> None:
         if self.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -210,19 +316,34 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class Settings:
+    """Every setting of the node: one section per field, lists for peers and rules."""
+
     node: NodeConfig = field(default_factory=NodeConfig)
+    """The DICOM service: who we are, where we listen, whom we accept."""
     storage: StorageConfig = field(default_factory=StorageConfig)
+    """Where received instances and the node's own results are kept."""
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    """The job table."""
     completion: CompletionConfig = field(default_factory=CompletionConfig)
+    """When a series counts as complete."""
     models: ModelsConfig = field(default_factory=ModelsConfig)
+    """Which models are installed and offered."""
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    """The worker processes and the dispatcher."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """What the node logs, and where."""
     destinations: tuple[DestinationConfig, ...] = ()
+    """PACS to send results (and forwarded instances) to."""
     # Routing rules stay raw here; dicomnode.routing validates them against
     # the known models and destinations.
     routes: tuple[Mapping[str, Any], ...] = ()
+    """Ordered routing rules: which models run on which series, where results go
+    (``docs/routing.md``). Empty: every installed model whose manifest applies runs and
+    nothing is sent."""
     notifications: tuple[NotificationConfig, ...] = ()
-    source: Path | None = None  # the YAML file the settings came from, if any
+    """Webhooks and HL7 listeners told about each result."""
+    source: Path | None = None
+    """Not a configuration key: the YAML file the settings came from, if any."""
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
