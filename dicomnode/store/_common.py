@@ -53,8 +53,3 @@ def insert_ignore(conn: Connection, table: Table, values: dict[str, Any],
     else:  # pragma: no cover - untested backends: plain insert, caller retries on conflict
         stmt = table.insert().values(**values)
     conn.execute(stmt)
-
-
-def backoff_seconds(attempts: int, base: float, cap: float) -> float:
-    """Exponential backoff: ``base * 2**(attempts-1)`` bounded by ``cap``."""
-    return float(min(cap, base * (2 ** max(0, attempts - 1))))
