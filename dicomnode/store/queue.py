@@ -25,8 +25,6 @@ from dicomnode.errors import StoreError
 from dicomnode.store._common import aware, jobs, outputs, seconds
 from dicomnode.store.retry import RetryStrategy
 
-CLAIMABLE_TERMINAL = (JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.SUPERSEDED)
-
 
 def row_to_job(r: Any) -> Job:
     return Job(
