@@ -53,7 +53,7 @@ from dicomnode.logs import kv
 from dicomnode.store import catalog, db, files, outbox, queue
 from dicomnode.store import series as series_mod
 from dicomnode.store._common import naive, seconds, utcnow
-from dicomnode.store.catalog import SeriesSummary, StudySummary
+from dicomnode.store.catalog import StudySummary
 from dicomnode.store.fastrecord import FastRecorder
 from dicomnode.store.outbox import NewDelivery
 from dicomnode.store.parse import InstanceMeta, read_meta
@@ -86,8 +86,7 @@ class ReconcileReport:
     unreadable: tuple[Path, ...] = ()  # *.dcm files that cannot be indexed
 
 
-__all__ = ["IngestOutcome", "IngestResult", "ReconcileReport", "SeriesSummary", "Store",
-           "StudySummary"]
+__all__ = ["IngestOutcome", "IngestResult", "ReconcileReport", "Store"]
 
 _RETRYABLE = (OperationalError, IntegrityError)
 
