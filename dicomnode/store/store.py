@@ -434,7 +434,8 @@ class Store:
         dels = list(deliveries)
 
         def tx(conn: Connection) -> Job:
-            queue.record_outputs(conn, job_id, outs, self.root, now) if outs else None
+            if outs:
+                queue.record_outputs(conn, job_id, outs, self.root, now)
             state = queue.finish(conn, job_id=job_id, worker_id=worker_id, now=now)
             if state is JobState.DONE:
                 for d in dels:
@@ -477,7 +478,8 @@ class Store:
         """Fail a running job. Transient failures go back to pending after exponential
         backoff (``worker.backoff_base_seconds`` doubling, capped at
         ``worker.backoff_max_seconds``) until ``worker.max_attempts``; then, or
-        when not transient, the job is ``failed`` with ``reason``."""
+        when not transient, the job is ``failed`` with ``reason`` (the jobs'
+        :class:`RetryStrategy` decides)."""
         now = self.now()
         return self._tx(lambda c: queue.fail(
             c, job_id=job_id, worker_id=worker_id, reason=reason, transient=transient,
