@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dicomnode.dispatch.notify import ResultSummary, notify
-from dicomnode.dispatch.retry import RetryPolicy
 from dicomnode.dispatch.scu import (
     AssociationFailed,
     FileOutcome,
@@ -21,7 +20,6 @@ __all__ = [
     "FileOutcome",
     "OutcomeState",
     "ResultSummary",
-    "RetryPolicy",
     "SendResult",
     "guard_reactor_race",
     "is_transient_status",

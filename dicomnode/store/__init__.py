@@ -13,10 +13,15 @@ Use the one facade, :class:`Store`::
         store.delivery_done(d.id, 0x0000)
 
 Nothing outside this package issues SQL or writes under ``storage.path``.
+:class:`Store` holds no SQL itself: its statements are named functions in
+``series`` (studies, series, versions, instance rows, completeness), ``queue``
+(jobs, outputs), ``outbox`` (deliveries, notifications) and ``catalog`` (study
+summaries); :class:`RetryStrategy` (``retry``) is the one retry policy.
 """
 
 from __future__ import annotations
 
+from dicomnode.store.catalog import SeriesSummary, StudySummary
 from dicomnode.store.outbox import NewDelivery
 from dicomnode.store.parse import (
     InstanceMeta,
@@ -26,14 +31,8 @@ from dicomnode.store.parse import (
     meta_from_dataset,
     read_meta,
 )
-from dicomnode.store.store import (
-    IngestOutcome,
-    IngestResult,
-    ReconcileReport,
-    SeriesSummary,
-    Store,
-    StudySummary,
-)
+from dicomnode.store.retry import RetryDecision, RetryStrategy
+from dicomnode.store.store import IngestOutcome, IngestResult, ReconcileReport, Store
 
 __all__ = [
     "IngestOutcome",
@@ -43,6 +42,8 @@ __all__ = [
     "MissingAttributeError",
     "NewDelivery",
     "ReconcileReport",
+    "RetryDecision",
+    "RetryStrategy",
     "SeriesSummary",
     "Store",
     "StudySummary",

@@ -10,13 +10,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from dicomnode.store import tables as t
 
-studies: Table = t.Study.__table__  # type: ignore[assignment]
-series: Table = t.Series.__table__  # type: ignore[assignment]
-versions: Table = t.SeriesVersion.__table__  # type: ignore[assignment]
-instances: Table = t.Instance.__table__  # type: ignore[assignment]
-jobs: Table = t.JobRow.__table__  # type: ignore[assignment]
-outputs: Table = t.JobOutput.__table__  # type: ignore[assignment]
-deliveries: Table = t.DeliveryRow.__table__  # type: ignore[assignment]
+# The Core tables of the ORM models (statements here are built on these).
+_TABLES = t.Base.metadata.tables
+studies: Table = _TABLES["studies"]
+series: Table = _TABLES["series"]
+versions: Table = _TABLES["series_versions"]
+instances: Table = _TABLES["instances"]
+jobs: Table = _TABLES["jobs"]
+outputs: Table = _TABLES["job_outputs"]
+deliveries: Table = _TABLES["deliveries"]
 
 
 def utcnow() -> datetime:
@@ -53,8 +55,3 @@ def insert_ignore(conn: Connection, table: Table, values: dict[str, Any],
     else:  # pragma: no cover - untested backends: plain insert, caller retries on conflict
         stmt = table.insert().values(**values)
     conn.execute(stmt)
-
-
-def backoff_seconds(attempts: int, base: float, cap: float) -> float:
-    """Exponential backoff: ``base * 2**(attempts-1)`` bounded by ``cap``."""
-    return float(min(cap, base * (2 ** max(0, attempts - 1))))

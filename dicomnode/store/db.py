@@ -20,6 +20,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -36,10 +40,6 @@ logging.getLogger("alembic").setLevel(logging.WARNING)
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
 _upgrade_lock = threading.Lock()
-
-
-def is_sqlite(engine: Engine) -> bool:
-    return engine.dialect.name == "sqlite"
 
 
 def configure_sqlite(dbapi_conn: Any, busy_timeout_ms: int) -> None:
@@ -96,10 +96,8 @@ def make_engine(cfg: DatabaseConfig) -> Engine:
     return create_engine(url, **kwargs)
 
 
-def alembic_config(engine_or_url: Engine | str) -> Any:
+def alembic_config(engine_or_url: Engine | str) -> Config:
     """An alembic ``Config`` pointing at ``migrations/``, usable from any working directory."""
-    from alembic.config import Config
-
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     if isinstance(engine_or_url, str):
@@ -110,8 +108,6 @@ def alembic_config(engine_or_url: Engine | str) -> Any:
 
 
 def head_revision() -> str:
-    from alembic.script import ScriptDirectory
-
     script = ScriptDirectory.from_config(alembic_config("sqlite://"))
     head = script.get_current_head()
     if head is None:
@@ -120,16 +116,12 @@ def head_revision() -> str:
 
 
 def current_revision(engine: Engine) -> str | None:
-    from alembic.runtime.migration import MigrationContext
-
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
 
 def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
     """Apply pending migrations; return ``(revision before, revision after)``."""
-    from alembic import command
-
     with _upgrade_lock:
         before = current_revision(engine)
         command.upgrade(alembic_config(engine), revision)

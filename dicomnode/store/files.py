@@ -106,12 +106,6 @@ def ensure_dir(path: Path, *, fsync: bool = True) -> None:
         _known_dirs.add(key)
 
 
-def forget_dirs() -> None:
-    """Forget every remembered folder (tests; after removing folders behind the store)."""
-    with _known_dirs_lock:
-        _known_dirs.clear()
-
-
 def write_temp(path: Path, chunks: bytes | Sequence[bytes | bytearray], *,
                fsync: bool = True) -> tuple[Path, int]:
     """First half of :func:`atomic_write`: write ``chunks`` to a temporary file beside
@@ -200,6 +194,30 @@ def free_mb(path: Path) -> float:
     while not p.exists() and p != p.parent:
         p = p.parent
     return shutil.disk_usage(p).free / (1024 * 1024)
+
+
+def scan_instances(root: Path) -> tuple[list[Path], int]:
+    """Walk ``root`` for reconciliation: the instance files (``*.dcm``) in it, leftover
+    temporary files removed (their C-STORE never got a success status).
+
+    Returns ``(instance files, temporary files removed)``. The objects the node
+    produced (``outputs/job-*``) are not walked.
+    """
+    found: list[Path] = []
+    temp_removed = 0
+    outputs_dir = root / "outputs"
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        if d == outputs_dir:
+            dirnames[:] = []
+        for name in filenames:
+            p = d / name
+            if name.endswith(TMP_SUFFIX):
+                remove_quietly(p)
+                temp_removed += 1
+            elif name.endswith(INSTANCE_SUFFIX) and d != outputs_dir:
+                found.append(p)
+    return found, temp_removed
 
 
 def remove_quietly(path: Path) -> None:

@@ -24,7 +24,8 @@ from sqlalchemy import Connection, and_, or_, select, update
 
 from dicomnode.domain import Delivery, DeliveryState, OutputObject
 from dicomnode.errors import StoreError
-from dicomnode.store._common import aware, backoff_seconds, deliveries, seconds
+from dicomnode.store._common import aware, deliveries, seconds
+from dicomnode.store.retry import RetryStrategy
 
 
 @dataclass(frozen=True)
@@ -127,25 +128,25 @@ def mark_done(conn: Connection, *, delivery_id: int, peer_status: int | None, no
     return get(conn, delivery_id, root)
 
 
-def mark_failed(conn: Connection, *, delivery_id: int, error: str, transient: bool,
-                peer_status: int | None, backoff_base: float, backoff_max: float,
-                max_attempts: int, now: datetime, root: Path) -> Delivery:
-    d = get(conn, delivery_id, root)
-    delay = backoff_seconds(d.attempts, backoff_base, backoff_max)
-    retry_at = now + seconds(delay)
-    deadline = d.deadline.replace(tzinfo=None) if d.deadline else None
-    within = deadline is None or retry_at <= deadline
-    if transient and within and d.attempts < max_attempts:
-        values: dict[str, Any] = dict(state=DeliveryState.PENDING.value, not_before=retry_at)
+def mark_failed(conn: Connection, *, delivery: Delivery, error: str, transient: bool,
+                peer_status: int | None, strategy: RetryStrategy, now: datetime,
+                root: Path) -> Delivery:
+    """Record a failed send of ``delivery`` (as read in this transaction): back to
+    pending at the ``strategy``'s next attempt time (bounded by the row's deadline), or
+    ``failed`` with the reason appended to ``error``."""
+    deadline = delivery.deadline.replace(tzinfo=None) if delivery.deadline else None
+    decision = strategy.decide(attempts=delivery.attempts, now=now, deadline=deadline,
+                               transient=transient)
+    if decision.retry_at is not None:
+        values: dict[str, Any] = dict(state=DeliveryState.PENDING.value,
+                                      not_before=decision.retry_at)
     else:
-        why = ("permanent failure" if not transient else
-               "retry deadline passed" if not within else f"gave up after {d.attempts} attempts")
-        error = f"{error} ({why})"
+        error = f"{error} ({decision.reason})"
         values = dict(state=DeliveryState.FAILED.value)
-    conn.execute(update(deliveries).where(deliveries.c.id == delivery_id).values(
+    conn.execute(update(deliveries).where(deliveries.c.id == delivery.id).values(
         last_error=error[:4000], peer_status=peer_status, lease_until=None, updated_at=now,
         **values))
-    return get(conn, delivery_id, root)
+    return get(conn, delivery.id, root)
 
 
 def retry(conn: Connection, *, delivery_id: int, deadline: datetime | None, now: datetime,

@@ -22,9 +22,8 @@ from sqlalchemy import Connection, and_, func, or_, select, update
 
 from dicomnode.domain import Job, JobState, OutputObject
 from dicomnode.errors import StoreError
-from dicomnode.store._common import aware, backoff_seconds, jobs, outputs, seconds, versions
-
-CLAIMABLE_TERMINAL = (JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.SUPERSEDED)
+from dicomnode.store._common import aware, jobs, outputs, seconds
+from dicomnode.store.retry import RetryStrategy
 
 
 def row_to_job(r: Any) -> Job:
@@ -168,17 +167,19 @@ def finish(conn: Connection, *, job_id: int, worker_id: str, now: datetime) -> J
 
 
 def fail(conn: Connection, *, job_id: int, worker_id: str, reason: str, transient: bool,
-         max_attempts: int, backoff_base: float, backoff_max: float, now: datetime) -> Job:
+         strategy: RetryStrategy, now: datetime) -> Job:
+    """Fail a running job: back to pending at the ``strategy``'s next attempt time, or
+    ``failed`` (``superseded`` if a newer version's job exists)."""
     job = _owned(conn, job_id, worker_id)
-    if transient and job.attempts < max_attempts and superseded_by(conn, job_id) is None:
-        delay = backoff_seconds(job.attempts, backoff_base, backoff_max)
+    decision = strategy.decide(attempts=job.attempts, now=now, transient=transient)
+    superseded = superseded_by(conn, job_id) is not None
+    if decision.retry_at is not None and not superseded:
         values: dict[str, Any] = dict(state=JobState.PENDING.value,
-                                      not_before=now + seconds(delay), lease_until=None)
+                                      not_before=decision.retry_at, lease_until=None)
     else:
-        if transient and job.attempts >= max_attempts:
-            reason = f"{reason} (gave up after {job.attempts} attempt(s))"
-        final = (JobState.SUPERSEDED if superseded_by(conn, job_id) is not None
-                 else JobState.FAILED)
+        if transient and decision.retry_at is None:
+            reason = f"{reason} ({decision.reason})"
+        final = JobState.SUPERSEDED if superseded else JobState.FAILED
         values = dict(state=final.value, finished_at=now, lease_until=None)
     conn.execute(update(jobs).where(jobs.c.id == job_id).values(
         last_error=reason[:4000], updated_at=now, **values))
@@ -222,6 +223,16 @@ def list_jobs(conn: Connection, *, states: Sequence[JobState] = (), study_uid: s
     return [row_to_job(r) for r in conn.execute(q)]
 
 
-def series_version_id(conn: Connection, series_id: int, version: int) -> int | None:
-    return conn.execute(select(versions.c.id).where(
-        versions.c.series_id == series_id, versions.c.version == version)).scalar()
+def set_priority(conn: Connection, *, job_id: int, priority: int, now: datetime) -> bool:
+    """Set a *pending* job's priority; ``False`` if it is no longer pending."""
+    res = conn.execute(update(jobs).where(jobs.c.id == job_id,
+                                          jobs.c.state == JobState.PENDING.value)
+                       .values(priority=priority, updated_at=now))
+    return bool(res.rowcount)
+
+
+def outputs_of(conn: Connection, job_id: int, root: Path) -> list[OutputObject]:
+    """The objects recorded for a job, in the order they were recorded."""
+    rows = conn.execute(select(outputs).where(outputs.c.job_id == job_id).order_by(outputs.c.id))
+    return [OutputObject(r.sop_instance_uid, r.sop_class_uid, root / r.path, r.kind)
+            for r in rows]

@@ -13,12 +13,15 @@ that concurrent receivers and the completeness tracker never both win.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy import Connection, bindparam, func, select, update
 
-from dicomnode.domain import Job
+from dicomnode.domain import InstanceRef, Job, SeriesRef
+from dicomnode.errors import StoreError
 from dicomnode.store import queue
 from dicomnode.store._common import insert_ignore, instances, series, studies, versions
 from dicomnode.store.parse import InstanceMeta
@@ -177,3 +180,89 @@ def quiet_versions(conn: Connection, cutoff: datetime) -> list[int]:
     return list(conn.execute(select(versions.c.id).where(
         versions.c.state == RECEIVING, versions.c.last_received_at <= cutoff)
         .order_by(versions.c.last_received_at)).scalars())
+
+
+def enqueue_version(conn: Connection, *, series_uid: str, version: int | None, priority: int,
+                    now: datetime) -> Job:
+    """Complete a series version (default: newest) by command and create (or return) its job."""
+    se = conn.execute(select(series.c.id, series.c.current_version, studies.c.study_uid)
+                      .join(studies, studies.c.id == series.c.study_id)
+                      .where(series.c.series_uid == series_uid)).first()
+    if se is None:
+        raise StoreError(f"series {series_uid}: not in the store")
+    v = se.current_version if version is None else version
+    vid = conn.execute(select(versions.c.id).where(
+        versions.c.series_id == se.id, versions.c.version == v)).scalar()
+    if vid is None:
+        raise StoreError(f"series {series_uid}: no version {v}")
+    conn.execute(update(versions).where(versions.c.id == vid, versions.c.state == RECEIVING)
+                 .values(state=COMPLETE, completed_at=now, completed_by="command"))
+    return queue.enqueue(conn, series_version_id=vid, study_uid=se.study_uid,
+                         series_uid=series_uid, version=v, priority=priority, now=now)
+
+
+# ---------------------------------------------------------------------- instance rows
+
+
+def existing_instance(conn: Connection, sop_uid: str) -> tuple[str, bool, int] | None:
+    """``(relative path, file missing, version)`` of an instance's row, if it has one."""
+    r = conn.execute(select(instances.c.path, instances.c.file_missing, instances.c.version)
+                     .where(instances.c.sop_instance_uid == sop_uid)).first()
+    return None if r is None else (r.path, bool(r.file_missing), r.version)
+
+
+def flag_file_missing(conn: Connection, sop_uid: str, relpath: str) -> None:
+    """Flag the row of an instance whose file at ``relpath`` failed to become durable."""
+    conn.execute(update(instances).where(instances.c.sop_instance_uid == sop_uid,
+                                         instances.c.path == relpath).values(file_missing=True))
+
+
+def instance_paths(conn: Connection) -> dict[str, tuple[str, bool]]:
+    """Every instance row: relative path -> ``(SOP Instance UID, file missing)``."""
+    rows = conn.execute(select(instances.c.path, instances.c.sop_instance_uid,
+                               instances.c.file_missing))
+    return {r.path: (r.sop_instance_uid, bool(r.file_missing)) for r in rows}
+
+
+def set_file_missing(conn: Connection, sop_uids: Sequence[str], missing: bool) -> None:
+    """Set ``file_missing`` on these instances' rows (in chunks of 500 UIDs)."""
+    for chunk in range(0, len(sop_uids), 500):
+        conn.execute(update(instances).where(instances.c.sop_instance_uid.in_(
+            list(sop_uids[chunk:chunk + 500]))).values(file_missing=missing))
+
+
+def instance_refs(conn: Connection, series_uid: str, version: int | None,
+                  root: Path) -> list[InstanceRef]:
+    """Instances of a series version (default: newest) whose file is present, ordered by
+    Instance Number (versions are cumulative: a version holds every earlier instance)."""
+    se = conn.execute(select(series.c.id, series.c.current_version, studies.c.study_uid)
+                      .join(studies, studies.c.id == series.c.study_id)
+                      .where(series.c.series_uid == series_uid)).first()
+    if se is None:
+        raise StoreError(f"series {series_uid}: not in the store")
+    v = se.current_version if version is None else version
+    rows = conn.execute(select(instances).where(
+        instances.c.series_id == se.id, instances.c.version <= v,
+        instances.c.file_missing.is_(False)))
+    refs = [InstanceRef(se.study_uid, series_uid, r.sop_instance_uid, r.sop_class_uid,
+                        root / r.path, r.transfer_syntax_uid, r.instance_number)
+            for r in rows]
+    refs.sort(key=lambda i: (i.instance_number is None, i.instance_number or 0,
+                             i.sop_instance_uid))
+    return refs
+
+
+def series_ref(conn: Connection, series_uid: str, version: int | None) -> SeriesRef:
+    """A series version (default: newest) as the worker sees it."""
+    se = conn.execute(select(series, studies.c.study_uid)
+                      .join(studies, studies.c.id == series.c.study_id)
+                      .where(series.c.series_uid == series_uid)).first()
+    if se is None:
+        raise StoreError(f"series {series_uid}: not in the store")
+    v = se.current_version if version is None else version
+    sv = conn.execute(select(versions).where(versions.c.series_id == se.id,
+                                             versions.c.version == v)).first()
+    if sv is None:
+        raise StoreError(f"series {series_uid}: no version {v}")
+    return SeriesRef(se.study_uid, series_uid, v, se.modality, sv.instance_count,
+                     sv.calling_aet, sv.called_aet)

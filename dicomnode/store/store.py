@@ -4,25 +4,38 @@ Receivers, the completeness tracker, workers and the dispatcher call this
 class only; no other module issues SQL or writes under ``storage.path``.
 Every method runs its own short transaction (retried on lock contention or
 unique-constraint races) and returns frozen :mod:`dicomnode.domain` objects.
+
+The facade holds no SQL itself: each method is a transaction (:meth:`Store._tx`
+to write, :meth:`Store._read` to read) around a call into the module owning the
+statements, plus the file handling of :mod:`dicomnode.store.files`:
+
+* :mod:`~dicomnode.store.series`: studies, series, versions, instance rows and
+  completeness (:mod:`~dicomnode.store.fastrecord`: the SQLite fast path of
+  recording an instance);
+* :mod:`~dicomnode.store.queue`: jobs and their outputs;
+* :mod:`~dicomnode.store.outbox`: deliveries and notifications;
+* :mod:`~dicomnode.store.catalog`: study / series summaries for operators;
+* :mod:`~dicomnode.store.retry`: :class:`RetryStrategy`, when a failed job,
+  delivery or notification is tried again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import logging
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from io import BytesIO
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, func, select, update
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from dicomnode.config import Settings
@@ -37,23 +50,14 @@ from dicomnode.domain import (
 )
 from dicomnode.errors import InvalidInstanceError, StoreError
 from dicomnode.logs import kv
-from dicomnode.store import db, files, outbox, queue
+from dicomnode.store import catalog, db, files, outbox, queue
 from dicomnode.store import series as series_mod
-from dicomnode.store._common import (
-    aware,
-    instances,
-    jobs,
-    naive,
-    outputs,
-    seconds,
-    series,
-    studies,
-    utcnow,
-    versions,
-)
+from dicomnode.store._common import naive, seconds, utcnow
+from dicomnode.store.catalog import StudySummary
 from dicomnode.store.fastrecord import FastRecorder
 from dicomnode.store.outbox import NewDelivery
 from dicomnode.store.parse import InstanceMeta, read_meta
+from dicomnode.store.retry import RetryStrategy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,31 +86,7 @@ class ReconcileReport:
     unreadable: tuple[Path, ...] = ()  # *.dcm files that cannot be indexed
 
 
-@dataclass(frozen=True)
-class SeriesSummary:
-    series_uid: str
-    modality: str
-    description: str
-    version: int
-    state: str  # receiving | complete
-    instance_count: int
-    expected_count: int | None
-    missing_files: int
-    last_received_at: datetime | None
-    job_id: int | None
-    job_state: JobState | None
-
-
-@dataclass(frozen=True)
-class StudySummary:
-    study_uid: str
-    patient_id: str
-    patient_name: str
-    study_date: str
-    accession_number: str
-    description: str
-    series: tuple[SeriesSummary, ...] = field(default_factory=tuple)
-
+__all__ = ["IngestOutcome", "IngestResult", "ReconcileReport", "Store"]
 
 _RETRYABLE = (OperationalError, IntegrityError)
 
@@ -132,6 +112,12 @@ class Store:
         # SQLite: the common case of recording an instance without SQLAlchemy's
         # per-statement cost (store/fastrecord.py); None elsewhere.
         self._fast = FastRecorder.for_engine(engine, settings.database.busy_timeout_ms)
+        # The one retry policy: jobs, and each destination / notification target.
+        self._job_retry = RetryStrategy.for_jobs(settings.worker)
+        self._delivery_retry = {
+            name: RetryStrategy.for_delivery(settings, name)
+            for name in [d.name for d in settings.destinations]
+            + [n.name for n in settings.notifications]}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -205,9 +191,6 @@ class Store:
     def free_mb(self) -> float:
         return files.free_mb(self.root)
 
-    def has_space(self) -> bool:
-        return self.free_mb() >= self.settings.storage.min_free_mb
-
     def instance_path(self, meta: InstanceMeta) -> Path:
         return self.root / files.instance_relpath(meta.study_uid, meta.series_uid,
                                                   meta.sop_instance_uid)
@@ -248,21 +231,14 @@ class Store:
         try:
             durable.result()
         except OSError:
-            self._tx(lambda c: c.execute(update(instances).where(
-                instances.c.sop_instance_uid == meta.sop_instance_uid,
-                instances.c.path == str(rel)).values(file_missing=True)))
+            self._tx(lambda c: series_mod.flag_file_missing(c, meta.sop_instance_uid, str(rel)))
             raise
         if replaced:  # the replacement moved (other study/series): drop the old copy now
             files.remove_quietly(self.root / replaced)
         return result
 
     def _existing(self, sop_uid: str) -> tuple[str, bool, int] | None:
-        def q(conn: Connection) -> tuple[str, bool, int] | None:
-            r = conn.execute(select(instances.c.path, instances.c.file_missing,
-                                    instances.c.version)
-                             .where(instances.c.sop_instance_uid == sop_uid)).first()
-            return None if r is None else (r.path, bool(r.file_missing), r.version)
-        return self._read(q)
+        return self._read(lambda c: series_mod.existing_instance(c, sop_uid))
 
     def _ref(self, meta: InstanceMeta, rel: str) -> InstanceRef:
         return InstanceRef(meta.study_uid, meta.series_uid, meta.sop_instance_uid,
@@ -309,66 +285,46 @@ class Store:
         committed), rows without files are flagged ``file_missing``, leftover
         temporary files are removed (their C-STORE never got success).
         """
-        def load(conn: Connection) -> dict[str, tuple[str, bool]]:
-            rows = conn.execute(select(instances.c.path, instances.c.sop_instance_uid,
-                                       instances.c.file_missing))
-            return {r.path: (r.sop_instance_uid, bool(r.file_missing)) for r in rows}
-        known = self._read(load)
+        known = self._read(series_mod.instance_paths)
         by_uid = {uid: path for path, (uid, _) in known.items()}
         seen: set[str] = set()
         indexed: list[Path] = []
         unreadable: list[Path] = []
-        temp_removed = 0
-        outputs_dir = self.root / "outputs"
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            d = Path(dirpath)
-            if d == outputs_dir:
-                dirnames[:] = []
-            for name in filenames:
-                p = d / name
-                if name.endswith(files.TMP_SUFFIX):
-                    files.remove_quietly(p)
-                    temp_removed += 1
-                    continue
-                if not name.endswith(files.INSTANCE_SUFFIX) or d == outputs_dir:
-                    continue
-                rel = str(p.relative_to(self.root))
-                seen.add(rel)
-                if rel in known:
-                    continue
-                try:
-                    meta = read_meta(p)
-                    expected = files.instance_relpath(meta.study_uid, meta.series_uid,
-                                                      meta.sop_instance_uid)
-                    if str(expected) != rel:
-                        raise InvalidInstanceError(f"its UIDs belong at {expected}")
-                except InvalidInstanceError as exc:
-                    log.warning("cannot index stored file", extra=kv(path=str(p), error=str(exc)))
-                    unreadable.append(p)
-                    continue
-                row_path = by_uid.get(meta.sop_instance_uid)
-                if row_path is not None and (self.root / row_path).exists():
-                    # A copy left behind when the instance was re-sent under other
-                    # study/series UIDs: the row's newer file wins.
-                    log.warning("stale copy of an instance stored elsewhere", extra=kv(
-                        path=str(p), sop_instance_uid=meta.sop_instance_uid,
-                        current=row_path))
-                    unreadable.append(p)
-                    continue
-                _, replaced = self._record(meta, rel, p.stat().st_size)
-                if replaced:  # an older copy of this instance under other UIDs' folders
-                    files.remove_quietly(self.root / replaced)
-                indexed.append(p)
+        found, temp_removed = files.scan_instances(self.root)
+        for p in found:
+            rel = str(p.relative_to(self.root))
+            seen.add(rel)
+            if rel in known:
+                continue
+            try:
+                meta = read_meta(p)
+                expected = files.instance_relpath(meta.study_uid, meta.series_uid,
+                                                  meta.sop_instance_uid)
+                if str(expected) != rel:
+                    raise InvalidInstanceError(f"its UIDs belong at {expected}")
+            except InvalidInstanceError as exc:
+                log.warning("cannot index stored file", extra=kv(path=str(p), error=str(exc)))
+                unreadable.append(p)
+                continue
+            row_path = by_uid.get(meta.sop_instance_uid)
+            if row_path is not None and (self.root / row_path).exists():
+                # A copy left behind when the instance was re-sent under other
+                # study/series UIDs: the row's newer file wins.
+                log.warning("stale copy of an instance stored elsewhere", extra=kv(
+                    path=str(p), sop_instance_uid=meta.sop_instance_uid,
+                    current=row_path))
+                unreadable.append(p)
+                continue
+            _, replaced = self._record(meta, rel, p.stat().st_size)
+            if replaced:  # an older copy of this instance under other UIDs' folders
+                files.remove_quietly(self.root / replaced)
+            indexed.append(p)
         missing = [uid for rel, (uid, flagged) in known.items() if rel not in seen and not flagged]
         restored = [uid for rel, (uid, flagged) in known.items() if rel in seen and flagged]
 
         def flag(conn: Connection) -> None:
-            for chunk in range(0, len(missing), 500):
-                conn.execute(update(instances).where(instances.c.sop_instance_uid.in_(
-                    missing[chunk:chunk + 500])).values(file_missing=True))
-            for chunk in range(0, len(restored), 500):
-                conn.execute(update(instances).where(instances.c.sop_instance_uid.in_(
-                    restored[chunk:chunk + 500])).values(file_missing=False))
+            series_mod.set_file_missing(conn, missing, True)
+            series_mod.set_file_missing(conn, restored, False)
         if missing or restored:
             self._tx(flag)
         report = ReconcileReport(tuple(indexed), tuple(missing), tuple(restored), temp_removed,
@@ -404,73 +360,14 @@ class Store:
         A version holds every instance received up to it (versions are
         cumulative); instances whose file is missing are left out.
         """
-        def q(conn: Connection) -> list[InstanceRef]:
-            se = conn.execute(select(series.c.id, series.c.current_version, studies.c.study_uid)
-                              .join(studies, studies.c.id == series.c.study_id)
-                              .where(series.c.series_uid == series_uid)).first()
-            if se is None:
-                raise StoreError(f"series {series_uid}: not in the store")
-            v = se.current_version if version is None else version
-            rows = conn.execute(select(instances).where(
-                instances.c.series_id == se.id, instances.c.version <= v,
-                instances.c.file_missing.is_(False)))
-            refs = [InstanceRef(se.study_uid, series_uid, r.sop_instance_uid, r.sop_class_uid,
-                                self.root / r.path, r.transfer_syntax_uid, r.instance_number)
-                    for r in rows]
-            refs.sort(key=lambda i: (i.instance_number is None, i.instance_number or 0,
-                                     i.sop_instance_uid))
-            return refs
-        return self._read(q)
+        return self._read(lambda c: series_mod.instance_refs(c, series_uid, version, self.root))
 
     def series_ref(self, series_uid: str, version: int | None = None) -> SeriesRef:
-        def q(conn: Connection) -> SeriesRef:
-            se = conn.execute(select(series, studies.c.study_uid)
-                              .join(studies, studies.c.id == series.c.study_id)
-                              .where(series.c.series_uid == series_uid)).first()
-            if se is None:
-                raise StoreError(f"series {series_uid}: not in the store")
-            v = se.current_version if version is None else version
-            sv = conn.execute(select(versions).where(versions.c.series_id == se.id,
-                                                     versions.c.version == v)).first()
-            if sv is None:
-                raise StoreError(f"series {series_uid}: no version {v}")
-            return SeriesRef(se.study_uid, series_uid, v, se.modality, sv.instance_count,
-                             sv.calling_aet, sv.called_aet)
-        return self._read(q)
+        return self._read(lambda c: series_mod.series_ref(c, series_uid, version))
 
     def studies(self, study_uid: str | None = None, limit: int = 200) -> list[StudySummary]:
         """What was received: per study, per series (newest version), counts and job state."""
-        def q(conn: Connection) -> list[StudySummary]:
-            sq = select(studies).order_by(studies.c.id.desc()).limit(limit)
-            if study_uid:
-                sq = sq.where(studies.c.study_uid == study_uid)
-            out = []
-            for st in conn.execute(sq).all():
-                rows = conn.execute(
-                    select(series, versions.c.state, versions.c.instance_count,
-                           versions.c.expected_count, versions.c.last_received_at,
-                           versions.c.version)
-                    .join(versions, (versions.c.series_id == series.c.id)
-                          & (versions.c.version == series.c.current_version))
-                    .where(series.c.study_id == st.id).order_by(series.c.series_number,
-                                                                series.c.id)).all()
-                summaries = []
-                for r in rows:
-                    missing = conn.execute(select(func.count()).where(
-                        instances.c.series_id == r.id,
-                        instances.c.file_missing.is_(True))).scalar_one()
-                    job = conn.execute(select(jobs.c.id, jobs.c.state).where(
-                        jobs.c.series_uid == r.series_uid, jobs.c.series_version == r.version)
-                    ).first()
-                    summaries.append(SeriesSummary(
-                        r.series_uid, r.modality, r.description, r.version, r.state,
-                        r.instance_count, r.expected_count, missing, aware(r.last_received_at),
-                        job.id if job else None, JobState(job.state) if job else None))
-                out.append(StudySummary(st.study_uid, st.patient_id, st.patient_name,
-                                        st.study_date, st.accession_number, st.description,
-                                        tuple(summaries)))
-            return out
-        return self._read(q)
+        return self._read(lambda c: catalog.study_summaries(c, study_uid=study_uid, limit=limit))
 
     # ------------------------------------------------------------------ outputs
 
@@ -492,12 +389,7 @@ class Store:
         return OutputObject(sop_instance_uid, sop_class_uid, path, kind)
 
     def job_outputs(self, job_id: int) -> list[OutputObject]:
-        def q(conn: Connection) -> list[OutputObject]:
-            rows = conn.execute(select(outputs).where(outputs.c.job_id == job_id)
-                                .order_by(outputs.c.id))
-            return [OutputObject(r.sop_instance_uid, r.sop_class_uid, self.root / r.path, r.kind)
-                    for r in rows]
-        return self._read(q)
+        return self._read(lambda c: queue.outputs_of(c, job_id, self.root))
 
     # ------------------------------------------------------------------ jobs
 
@@ -506,23 +398,8 @@ class Store:
         """Create (or return) the job for a series version, e.g. to re-run a series by command."""
         now = self.now()
 
-        def tx(conn: Connection) -> Job:
-            se = conn.execute(select(series.c.id, series.c.current_version, studies.c.study_uid)
-                              .join(studies, studies.c.id == series.c.study_id)
-                              .where(series.c.series_uid == series_uid)).first()
-            if se is None:
-                raise StoreError(f"series {series_uid}: not in the store")
-            v = se.current_version if version is None else version
-            vid = queue.series_version_id(conn, se.id, v)
-            if vid is None:
-                raise StoreError(f"series {series_uid}: no version {v}")
-            conn.execute(update(versions).where(versions.c.id == vid,
-                                                versions.c.state == series_mod.RECEIVING)
-                         .values(state=series_mod.COMPLETE, completed_at=now,
-                                 completed_by="command"))
-            return queue.enqueue(conn, series_version_id=vid, study_uid=se.study_uid,
-                                 series_uid=series_uid, version=v, priority=priority, now=now)
-        return self._tx(tx)
+        return self._tx(lambda c: series_mod.enqueue_version(
+            c, series_uid=series_uid, version=version, priority=priority, now=now))
 
     def claim_job(self, worker_id: str, lease_seconds: float | None = None) -> Job | None:
         """Atomically claim the most urgent due job, or ``None``.
@@ -557,7 +434,8 @@ class Store:
         dels = list(deliveries)
 
         def tx(conn: Connection) -> Job:
-            queue.record_outputs(conn, job_id, outs, self.root, now) if outs else None
+            if outs:
+                queue.record_outputs(conn, job_id, outs, self.root, now)
             state = queue.finish(conn, job_id=job_id, worker_id=worker_id, now=now)
             if state is JobState.DONE:
                 for d in dels:
@@ -584,27 +462,28 @@ class Store:
                    sop_class_uid=d.output.sop_class_uid, relpath=relpath, deadline=deadline,
                    now=now, kind=d.kind, payload=d.payload)
 
+    def retry_strategy(self, destination: str) -> RetryStrategy:
+        """The retry policy of the destination or notification target ``destination``
+        (its ``retry_deadline_seconds``, ``worker.backoff_*``); one no longer configured
+        keeps the backoff and has no deadline."""
+        strategy = self._delivery_retry.get(destination)
+        return strategy if strategy is not None else RetryStrategy.for_delivery(
+            self.settings, destination)
+
     def _default_deadline(self, destination: str, now: datetime) -> datetime | None:
         """``retry_deadline_seconds`` of the destination or notification target so named."""
-        for dest in self.settings.destinations:
-            if dest.name == destination:
-                return now + seconds(dest.retry_deadline_seconds)
-        for n in self.settings.notifications:
-            if n.name == destination:
-                return now + seconds(n.retry_deadline_seconds)
-        return None
+        return self.retry_strategy(destination).deadline_from(now)
 
     def fail_job(self, job_id: int, worker_id: str, reason: str, *, transient: bool) -> Job:
         """Fail a running job. Transient failures go back to pending after exponential
         backoff (``worker.backoff_base_seconds`` doubling, capped at
         ``worker.backoff_max_seconds``) until ``worker.max_attempts``; then, or
-        when not transient, the job is ``failed`` with ``reason``."""
-        w = self.settings.worker
+        when not transient, the job is ``failed`` with ``reason`` (the jobs'
+        :class:`RetryStrategy` decides)."""
         now = self.now()
         return self._tx(lambda c: queue.fail(
             c, job_id=job_id, worker_id=worker_id, reason=reason, transient=transient,
-            max_attempts=w.max_attempts, backoff_base=w.backoff_base_seconds,
-            backoff_max=w.backoff_max_seconds, now=now), attempts=3)
+            strategy=self._job_retry, now=now), attempts=3)
 
     def retry_job(self, job_id: int) -> Job:
         now = self.now()
@@ -619,12 +498,8 @@ class Store:
         ``False`` if the job is no longer pending."""
         now = self.now()
 
-        def tx(c: Connection) -> bool:
-            res = c.execute(update(jobs).where(jobs.c.id == job_id,
-                                               jobs.c.state == JobState.PENDING.value)
-                            .values(priority=priority, updated_at=now))
-            return bool(res.rowcount)
-        return self._tx(tx, attempts=3)
+        return self._tx(lambda c: queue.set_priority(c, job_id=job_id, priority=priority,
+                                                     now=now), attempts=3)
 
     def get_job(self, job_id: int) -> Job:
         return self._read(lambda c: queue.get(c, job_id))
@@ -663,14 +538,17 @@ class Store:
         deadline (and below ``max_attempts``, default ``worker.max_attempts``), else
         ``failed``. The dispatcher passes a large ``max_attempts`` so that only the
         destination's retry deadline bounds the retries."""
-        w = self.settings.worker
         now = self.now()
-        limit = w.max_attempts if max_attempts is None else max_attempts
-        return self._tx(lambda c: outbox.mark_failed(
-            c, delivery_id=delivery_id, error=error, transient=transient,
-            peer_status=peer_status, backoff_base=w.backoff_base_seconds,
-            backoff_max=w.backoff_max_seconds, max_attempts=limit, now=now,
-            root=self.root), attempts=3)
+        limit = self.settings.worker.max_attempts if max_attempts is None else max_attempts
+
+        def tx(c: Connection) -> Delivery:
+            d = outbox.get(c, delivery_id, self.root)
+            strategy = dataclasses.replace(self.retry_strategy(d.destination),
+                                           max_attempts=limit)
+            return outbox.mark_failed(c, delivery=d, error=error, transient=transient,
+                                      peer_status=peer_status, strategy=strategy, now=now,
+                                      root=self.root)
+        return self._tx(tx, attempts=3)
 
     def retry_delivery(self, delivery_id: int) -> Delivery:
         """Operator command: a failed delivery goes back to pending with a fresh deadline."""
@@ -682,9 +560,6 @@ class Store:
                                 deadline=self._default_deadline(d.destination, now), now=now,
                                 root=self.root)
         return self._tx(tx, attempts=3)
-
-    def get_delivery(self, delivery_id: int) -> Delivery:
-        return self._read(lambda c: outbox.get(c, delivery_id, self.root))
 
     def delivery_holders(self) -> list[str]:
         """Ids of the dispatchers holding deliveries in ``sending`` (to find dead ones)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import pydicom.data
 import pytest
 from pydicom.filereader import read_file_meta_info
 
@@ -39,11 +40,9 @@ def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
 
 def _local_test_files() -> list[Path]:
     """pydicom's bundled files and pydicom-data's, without any download attempt."""
-    import pydicom.data
-
     dirs = [Path(pydicom.data.__file__).parent / "test_files"]
     try:
-        import data_store  # pydicom-data
+        import data_store  # pydicom-data: an optional (dev) dependency, imported if present
 
         dirs.append(Path(data_store.__file__).parent / "data")
     except ImportError:  # pragma: no cover - pydicom-data is a dev dependency

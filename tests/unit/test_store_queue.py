@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
+from dicomnode.config import DestinationConfig, _build
 from dicomnode.domain import DeliveryState, JobState
 from dicomnode.errors import StoreError
 from dicomnode.store import NewDelivery, Store, read_meta
@@ -201,10 +203,6 @@ def test_delivery_retries_until_deadline(tmp_path: Path, db_url: str) -> None:
     settings = settings_for(tmp_path, db_url, worker={"backoff_base_seconds": 10,
                                                       "backoff_max_seconds": 100,
                                                       "max_attempts": 10})
-    import dataclasses
-
-    from dicomnode.config import DestinationConfig, _build  # noqa: I001
-
     settings = dataclasses.replace(settings, destinations=tuple(
         _build("destinations[0]", DestinationConfig, d) for d in dest))
     with Store.open(settings, migrate=True, clock=clock) as store:
