@@ -29,6 +29,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
+from dicomnode.compat.sqlalchemy import positional_binds
 from dicomnode.store import db
 from dicomnode.store import series as series_mod
 from dicomnode.store.parse import InstanceMeta
@@ -48,11 +49,8 @@ class _Compiled:
         compiled = stmt.compile(dialect=engine.dialect,
                                 column_keys=list(_INSERT_COLUMNS) if stmt.is_insert else None)
         self.sql = compiled.string
-        procs = compiled._bind_processors
-        names = compiled.positiontup or []
-        self.order = [(n, procs.get(n)) for n in names]
         # Literal values in the construct (e.g. state = 'receiving') are bound too.
-        self.defaults = compiled.construct_params(_check=False)
+        self.order, self.defaults = positional_binds(compiled)
 
     def params(self, values: dict[str, Any]) -> list[Any]:
         v = {**self.defaults, **values}

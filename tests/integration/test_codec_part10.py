@@ -1,4 +1,4 @@
-"""encode.fastwrite.to_part10: the same bytes as pydicom's writer, for every object we make."""
+"""codec.part10.to_part10: the same bytes as pydicom's writer, for every object we make."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from dicomnode.encode import EncodeOptions, encode_results, fastwrite
-from dicomnode.encode.fastwrite import to_part10
+from dicomnode.codec import part10
+from dicomnode.codec.part10 import to_part10
+from dicomnode.encode import EncodeOptions, encode_results
 from tests.support.encode_data import phantom, seg_result, volume_from_paths
 from tests.support.series import SAGITTAL, write_series
 
@@ -32,7 +33,7 @@ def no_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail if to_part10 hands the object to pydicom (the fast path must be taken)."""
     def refuse(ds: Dataset) -> bytes:
         raise AssertionError("to_part10 fell back to pydicom")
-    monkeypatch.setattr(fastwrite, "_pydicom", refuse)
+    monkeypatch.setattr(part10, "_pydicom", refuse)
 
 
 @pytest.mark.parametrize("kind", ["axial_ct", "enhanced_mr", "unicode_ct"])
@@ -63,7 +64,7 @@ def test_result_objects_byte_identical(tmp_path: Path, kind: str,
             if kind != "enhanced_mr":
                 # An enhanced source's items copied into the SEG hold raw (undecoded)
                 # elements: pydicom writes those objects itself. Others: the fast path.
-                m.setattr(fastwrite, "_pydicom", lambda ds: pytest.fail("fell back"))
+                m.setattr(part10, "_pydicom", lambda ds: pytest.fail("fell back"))
             got = to_part10(ds)
         assert got == _pydicom_bytes(ds), f"{ds.Modality} {ds.SOPClassUID}"
         again = pydicom.dcmread(BytesIO(got))
@@ -130,7 +131,7 @@ def test_synthetic_dataset_byte_identical(charset: str | None, no_fallback: None
     del ds.PixelData
     ds.PixelData = pixels  # VR "OB or OW", as highdicom leaves it: decided as pydicom does
     assert ds["PixelData"].VR == "OB or OW"
-    assert fastwrite._Writer().dataset(ds, None)  # no fallback on any element here
+    assert part10._Writer().dataset(ds, None)  # no fallback on any element here
     ds2 = _synthetic(charset)
     ds2.SOPInstanceUID = ds.SOPInstanceUID
     assert to_part10(ds) == _pydicom_bytes(ds2)
@@ -149,8 +150,8 @@ def test_what_is_not_mirrored_falls_back_to_pydicom(tmp_path: Path) -> None:
     # ambiguous VR, an element read from a file (raw), another transfer syntax
     ds = _synthetic()
     ds.add_new(0x00280106, "US or SS", 0)  # Smallest Image Pixel Value
-    with pytest.raises(fastwrite._Fallback):
-        fastwrite._Writer().dataset(ds, None)
+    with pytest.raises(part10._Fallback):
+        part10._Writer().dataset(ds, None)
     assert to_part10(ds) == _pydicom_bytes(ds)
     path = tmp_path / "x.dcm"
     _synthetic().save_as(path, enforce_file_format=True)
