@@ -4,7 +4,10 @@ The loader sorts frames along the slice normal, applies Rescale Slope /
 Intercept per frame, supports classic single-frame and enhanced multi-frame
 CT/MR (and any compressed transfer syntax pydicom can decode with the
 installed pylibjpeg / pyjpegls plug-ins), and keeps the affine and the
-voxel-to-source-frame mapping the SEG encoder needs.
+voxel-to-source-frame mapping the SEG encoder needs. Files are read by
+:mod:`dicomnode.codec.reader` when it can (classic single-frame, uncompressed
+little endian: no pydicom objects), by pydicom otherwise; this module only
+assembles the volume.
 
 It refuses, with a :class:`~dicomnode.errors.VolumeError` naming the problem,
 anything that would silently produce a wrong volume: mixed series or
