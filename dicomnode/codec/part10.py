@@ -22,9 +22,8 @@ General twin: ``Dataset.save_as(..., enforce_file_format=True)``;
 objects and every fallback.
 
 :func:`part10_header` builds the preamble and file meta group the receiver writes in
-front of a received dataset (twin: ``pydicom.filewriter.write_file_meta_info``, checked
-by reading the written files back with pydicom in ``tests/unit/test_store_files.py``
-and ``tests/integration/test_receive_scp.py``).
+front of a received dataset (twin: ``pydicom.filewriter.write_file_meta_info``; the
+same bytes: ``test_received_file_meta_is_what_pydicom_writes`` in the same test file).
 """
 
 from __future__ import annotations

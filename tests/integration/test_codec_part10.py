@@ -1,4 +1,5 @@
-"""codec.part10.to_part10: the same bytes as pydicom's writer, for every object we make."""
+"""codec.part10: to_part10 gives the same bytes as pydicom's writer for every object we
+make; part10_header the same file meta as pydicom for a received instance."""
 
 from __future__ import annotations
 
@@ -10,11 +11,18 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from dicomnode.codec import part10
-from dicomnode.codec.part10 import to_part10
+from dicomnode.codec.part10 import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    part10_header,
+    to_part10,
+)
 from dicomnode.encode import EncodeOptions, encode_results
 from tests.support.encode_data import phantom, seg_result, volume_from_paths
 from tests.support.series import SAGITTAL, write_series
@@ -160,3 +168,24 @@ def test_what_is_not_mirrored_falls_back_to_pydicom(tmp_path: Path) -> None:
     implicit = _synthetic()
     implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     assert to_part10(implicit) == _pydicom_bytes(implicit)
+
+
+@pytest.mark.parametrize(("sop_uid", "aet"), [("1.2.3", ""), ("1.2.34", "SCANNER "),
+                                              ("1.2.840.99.1", "CT1")])
+def test_received_file_meta_is_what_pydicom_writes(sop_uid: str, aet: str) -> None:
+    """part10_header (the receiver's file meta) against pydicom's write_file_meta_info."""
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = ct
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ts
+        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        if aet.strip():
+            meta.SourceApplicationEntityTitle = aet.strip()
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        fp.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(fp, meta, enforce_standard=True)
+        assert part10_header(ct, sop_uid, ts, aet) == fp.getvalue()
