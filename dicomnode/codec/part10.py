@@ -1,4 +1,4 @@
-"""Part 10 bytes: result objects byte for byte as pydicom writes them, and received ones' file meta.
+"""Part 10 bytes: result objects exactly as pydicom writes them; received instances' file meta.
 
 ``ds.save_as(buf, enforce_file_format=True)`` spends most of its time in
 pydicom's per-element machinery (ambiguous-VR correction per dataset,
