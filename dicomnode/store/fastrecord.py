@@ -14,8 +14,10 @@ It handles only the common case and says so by returning ``None`` otherwise,
 after rolling back: a study or series this process has not seen yet, no open
 (``receiving``) version, or an instance that completes its version by count.
 :func:`dicomnode.store.series.record_instance` then does the whole thing; it
-stays the one description of the bookkeeping, and a test checks that both
-leave identical rows.
+stays the one description of the bookkeeping (the general twin), and
+``tests/unit/test_store_fastrecord.py`` (``test_fast_and_general_paths_leave_identical_rows``)
+checks that both leave identical rows. The SQLAlchemy internals it needs (bind
+processors of a compiled statement) come from :mod:`dicomnode.compat.sqlalchemy`.
 """
 
 from __future__ import annotations
