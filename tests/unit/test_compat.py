@@ -25,11 +25,16 @@ def _pins() -> dict[str, tuple[str, str]]:
     for p in sorted(COMPAT.glob("*.py")):
         if p.name == "__init__.py":
             continue
-        calls = [n for n in ast.parse(p.read_text()).body
+        body = ast.parse(p.read_text()).body
+        constants = {t.id: n.value for n in body if isinstance(n, ast.Assign)
+                     for t in n.targets if isinstance(t, ast.Name)}
+        calls = [n.value for n in body
                  if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)
-                 and isinstance(n.value.func, ast.Name) and n.value.func.id == "require"]
+                 and ast.unparse(n.value.func).split(".")[-1] == "require"]
         assert len(calls) == 1, f"{p.name}: one require(package, pinned) at module level"
-        package, pinned = (ast.literal_eval(a) for a in calls[0].value.args)
+        package, pinned = (
+            ast.literal_eval(constants.get(a.id, a) if isinstance(a, ast.Name) else a)
+            for a in calls[0].args)
         out[p.stem] = (package, pinned)
     return out
 
