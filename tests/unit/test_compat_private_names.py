@@ -184,7 +184,7 @@ class _Checker(ast.NodeVisitor):
         return False
 
     def _scan_scope(self, body: Iterable[ast.AST], args: ast.arguments | None) -> set[str]:
-        held: set[str] = set(self.lib_vars[0])
+        held: set[str] = set(self.lib_vars[-1])  # closures see the enclosing scope
         self.lib_vars.append(held)
         if args is not None:
             for a in (*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg):
