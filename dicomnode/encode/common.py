@@ -14,6 +14,7 @@ from highdicom.sr import CodedConcept as HdCodedConcept
 from pydicom.dataset import Dataset
 
 from dicomnode import __version__
+from dicomnode.compat.highdicom import install_iod_cache, load_standard_tables
 from dicomnode.domain import CodedConcept, InferenceResult, LabelSpec
 from dicomnode.errors import EncodeError
 
@@ -95,44 +96,6 @@ class EncodeOptions:
         return self.device_serial_number or socket.gethostname()[:64] or "unknown"
 
 
-def _memoize_iod_lookups() -> None:
-    """Cache highdicom's "is this attribute in that IOD?" answers.
-
-    highdicom asks it once per source image (``is_multiframe_image``: 300
-    calls for a 300-slice series), each a linear scan of the standard's
-    module tables (~0.5 ms). The answer depends only on the keyword, the SOP
-    class and the excluded paths, all looked up in static tables shipped with
-    the pinned highdicom, so caching it changes nothing but the time. The
-    callers inside ``_standard_utils`` look the function up as a module
-    global at call time, which is what we replace.
-    """
-    from functools import lru_cache
-
-    from highdicom import _standard_utils as su
-
-    original = su.is_attribute_in_iod
-    if getattr(original, "_dicomnode_cached", False):
-        return
-
-    @lru_cache(maxsize=4096)
-    def cached(attribute: str, sop_class_uid: str, exclude: tuple[str, ...] | None) -> bool:
-        return bool(original(attribute, sop_class_uid,
-                             list(exclude) if exclude is not None else None))
-
-    def is_attribute_in_iod(attribute: str, sop_class_uid: str,
-                            exclude_path_elements: Sequence[str] | None = None) -> bool:
-        return cached(str(attribute), str(sop_class_uid),
-                      None if exclude_path_elements is None else tuple(exclude_path_elements))
-
-    is_attribute_in_iod._dicomnode_cached = True  # type: ignore[attr-defined]
-    is_attribute_in_iod._dicomnode_original = original  # type: ignore[attr-defined]
-    is_attribute_in_iod.__doc__ = original.__doc__
-    su.is_attribute_in_iod = is_attribute_in_iod
-
-
-_memoize_iod_lookups()
-
-
 def warm_up() -> None:
     """Do the encoders' one-time work now (a worker calls this when it starts).
 
@@ -140,13 +103,8 @@ def warm_up() -> None:
     module attributes: JSON parsed on first use) takes about a second; done
     at start, the first study after a restart is encoded as fast as the rest.
     """
-    import highdicom.seg  # noqa: F401
-    import highdicom.sr  # noqa: F401
-    from highdicom import _standard_utils as su
-
-    su.get_sop_class_iod_map()
-    su.get_iod_module_map()
-    su.get_module_attribute_map()
+    install_iod_cache()
+    load_standard_tables()
 
 
 def hd_code(c: CodedConcept) -> HdCodedConcept:
@@ -298,6 +256,9 @@ class SourceLayout:
 
 def arrange_sources(result: InferenceResult, sources: Sequence[Dataset]) -> SourceLayout:
     """Match source datasets to the volume's frames and check they are usable."""
+    # Every encoder arranges its sources before highdicom sees them: the first use,
+    # where the IOD lookups get memoised if warm_up() did not do it already.
+    install_iod_cache()
     vol = result.volume
     if not sources:
         raise EncodeError("no source datasets")

@@ -11,7 +11,7 @@ wants ``(k, rows, columns, labels)``; we hand it ``np.moveaxis`` of our array,
 a view (no copy), in which every frame of a segment is still a contiguous
 plane. highdicom's own overlap test on that layout sums over the label axis
 into an int64 array (8 bytes per voxel, 630 MB for 300 x 512 x 512), so
-:class:`_Segmentation` replaces it with a plane-by-plane check. Source
+:class:`dicomnode.compat.highdicom.Segmentation` replaces it with a plane-by-plane check. Source
 datasets are headers only.
 """
 
@@ -24,6 +24,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from dicomnode.compat import highdicom as hd_compat
 from dicomnode.domain import InferenceResult, ModelInfo
 from dicomnode.encode import uids
 from dicomnode.encode.common import (
@@ -71,49 +72,6 @@ def seg_subject(result: InferenceResult) -> str:
     if len(names) <= 3:
         return ", ".join(names)
     return f"{len(names)}-label"
-
-
-class _Segmentation(hd.seg.Segmentation):
-    """highdicom's Segmentation with a slice-wise overlap check for stacked masks.
-
-    For a 4D boolean array highdicom decides SegmentsOverlap with
-    ``array.sum(axis=-1)``, an int64 temporary of 8 bytes per voxel (630 MB for
-    300 x 512 x 512). We compute the same answer one plane at a time. Everything
-    else is highdicom's own code (the override returns exactly what it would;
-    highdicom is pinned, and the round-trip tests cover both answers).
-    """
-
-    @classmethod
-    def _check_and_cast_pixel_array(
-        cls, pixel_array: np.ndarray | hd.Volume, segment_numbers: np.ndarray,
-        segmentation_type: hd.seg.SegmentationTypeValues, dtype: type,
-    ) -> tuple[np.ndarray | hd.Volume, hd.seg.SegmentsOverlapValues]:
-        if (isinstance(pixel_array, np.ndarray) and pixel_array.ndim == 4
-                and pixel_array.dtype == np.bool_
-                and segmentation_type == hd.seg.SegmentationTypeValues.BINARY
-                and pixel_array.shape[-1] == len(segment_numbers)):
-            overlap = _stacked_overlap(pixel_array)
-            return pixel_array, (hd.seg.SegmentsOverlapValues.YES if overlap
-                                 else hd.seg.SegmentsOverlapValues.NO)
-        return super()._check_and_cast_pixel_array(
-            pixel_array, segment_numbers, segmentation_type, dtype)
-
-
-def _stacked_overlap(stacked: np.ndarray) -> bool:
-    """Do segments of a ``(frames, rows, cols, segments)`` boolean array overlap?
-
-    Works on the planes of the caller's ``(segments, frames, rows, cols)``
-    layout (contiguous), one frame at a time, with a one-plane uint8 buffer.
-    """
-    planes = np.moveaxis(stacked, -1, 0)
-    if planes.shape[0] < 2:
-        return False
-    acc = np.empty(planes.shape[2:], dtype=np.uint8)
-    for k in range(planes.shape[1]):
-        np.add.reduce(planes[:, k], axis=0, dtype=np.uint8, out=acc)
-        if acc.max() > 1:
-            return True
-    return False
 
 
 def _to_source_frames(array: np.ndarray, layout: SourceLayout, axis: int = 0) -> np.ndarray:
@@ -198,7 +156,7 @@ def encode_seg(
 
     src0 = layout.first
     try:
-        seg = _Segmentation(
+        seg = hd_compat.Segmentation(
             source_images=list(layout.datasets),
             pixel_array=pixels,
             segmentation_type=seg_type,

@@ -35,6 +35,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
+from dicomnode.codec.part10 import part10_header
 from dicomnode.config import Settings
 from dicomnode.errors import StoreError
 from dicomnode.logs import kv
@@ -45,7 +46,6 @@ from dicomnode.store import (
     Store,
     UndecodableError,
 )
-from dicomnode.store.files import part10_header
 from dicomnode.store.parse import read_meta_fast
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,10 @@ It handles only the common case and says so by returning ``None`` otherwise,
 after rolling back: a study or series this process has not seen yet, no open
 (``receiving``) version, or an instance that completes its version by count.
 :func:`dicomnode.store.series.record_instance` then does the whole thing; it
-stays the one description of the bookkeeping, and a test checks that both
-leave identical rows.
+stays the one description of the bookkeeping (the general twin), and
+``tests/unit/test_store_fastrecord.py`` (``test_fast_and_general_paths_leave_identical_rows``)
+checks that both leave identical rows. The SQLAlchemy internals it needs (bind
+processors of a compiled statement) come from :mod:`dicomnode.compat.sqlalchemy`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
+from dicomnode.compat.sqlalchemy import positional_binds
 from dicomnode.store import db
 from dicomnode.store import series as series_mod
 from dicomnode.store.parse import InstanceMeta
@@ -48,11 +51,8 @@ class _Compiled:
         compiled = stmt.compile(dialect=engine.dialect,
                                 column_keys=list(_INSERT_COLUMNS) if stmt.is_insert else None)
         self.sql = compiled.string
-        procs = compiled._bind_processors
-        names = compiled.positiontup or []
-        self.order = [(n, procs.get(n)) for n in names]
         # Literal values in the construct (e.g. state = 'receiving') are bound too.
-        self.defaults = compiled.construct_params(_check=False)
+        self.order, self.defaults = positional_binds(compiled)
 
     def params(self, values: dict[str, Any]) -> list[Any]:
         v = {**self.defaults, **values}

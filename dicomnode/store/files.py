@@ -225,38 +225,3 @@ def remove_quietly(path: Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-# Implementation Class UID of dicomnode (a UUID-derived 2.25 UID, fixed per implementation).
-IMPLEMENTATION_CLASS_UID = "2.25.322196318574011516722073791765655486292"
-IMPLEMENTATION_VERSION_NAME = "DICOMNODE_01"
-
-
-def _element(tag_elem: int, vr: bytes, value: bytes) -> bytes:
-    if vr in (b"OB",):
-        return (b"\x02\x00" + tag_elem.to_bytes(2, "little") + vr + b"\x00\x00"
-                + len(value).to_bytes(4, "little") + value)
-    return b"\x02\x00" + tag_elem.to_bytes(2, "little") + vr + len(value).to_bytes(2, "little") \
-        + value
-
-
-def _pad(value: str, pad: bytes) -> bytes:
-    b = value.encode("ascii")
-    return b + pad if len(b) % 2 else b
-
-
-def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str,
-                  source_aet: str = "") -> bytes:
-    """Preamble, ``DICM`` and the File Meta Information group for a received dataset."""
-    body = b"".join((
-        _element(0x0001, b"OB", b"\x00\x01"),
-        _element(0x0002, b"UI", _pad(sop_class_uid, b"\x00")),
-        _element(0x0003, b"UI", _pad(sop_instance_uid, b"\x00")),
-        _element(0x0010, b"UI", _pad(transfer_syntax_uid, b"\x00")),
-        _element(0x0012, b"UI", _pad(IMPLEMENTATION_CLASS_UID, b"\x00")),
-        _element(0x0013, b"SH", _pad(IMPLEMENTATION_VERSION_NAME, b" ")),
-        *((_element(0x0016, b"AE", _pad(source_aet.strip(), b" ")),) if source_aet.strip()
-          else ()),
-    ))
-    group_len = b"\x02\x00\x00\x00UL\x04\x00" + len(body).to_bytes(4, "little")
-    return b"\x00" * 128 + b"DICM" + group_len + body

@@ -17,8 +17,8 @@ from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import keyword_for_tag as dictionary_keyword
 from pydicom.tag import Tag
 
+from dicomnode.codec import walker
 from dicomnode.errors import InvalidInstanceError
-from dicomnode.store import fastparse
 from dicomnode.store.files import check_uid
 
 
@@ -173,7 +173,7 @@ def read_meta_fast(head: bytes, dataset: bytes | bytearray | memoryview,
                    transfer_syntax_uid: str) -> InstanceMeta:
     """Parse the dataset of a C-STORE (``dataset`` = bytes after the file meta).
 
-    Little-endian streams are walked strictly by :mod:`fastparse` (the whole
+    Little-endian streams are walked strictly by :mod:`dicomnode.codec.walker` (the whole
     top-level structure is checked); a stream that fails that walk for a reason
     other than truncation, and big-endian or deflated streams, are parsed by
     pydicom from the full Part 10 stream ``head + dataset``.
@@ -181,10 +181,10 @@ def read_meta_fast(head: bytes, dataset: bytes | bytearray | memoryview,
     ts = str(transfer_syntax_uid)
     if ts not in _SLOW_TS:
         try:
-            values = fastparse.walk(dataset, explicit=_FAST_TS.get(ts, True), want=_WANT)
-        except fastparse.TruncatedError as exc:
+            values = walker.walk(dataset, explicit=_FAST_TS.get(ts, True), want=_WANT)
+        except walker.TruncatedError as exc:
             raise UndecodableError(f"cannot decode dataset: {exc}") from None
-        except fastparse.StructureError:
+        except walker.StructureError:
             values = None  # e.g. implicit VR data on an explicit context: let pydicom try
         if values is not None:
             return meta_from_dataset(_decode(values), ts)

@@ -16,6 +16,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from dicomnode.codec.reader import read_fast
 from dicomnode.errors import VolumeError
 from dicomnode.infer import load_volume
 from tests.support.infer_data import SeriesFixture, cranium_ct_series
@@ -182,9 +183,9 @@ def test_fast_path_equals_pydicom_path(cranium_ct: SeriesFixture, colin27_mr: Se
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from dicomnode.infer import volume as volmod
 
-    assert volmod._read_fast(cranium_ct.paths[0]) is not None  # the common case is fast
+    assert read_fast(cranium_ct.paths[0]) is not None  # the common case is fast
     fast = [load_volume(cranium_ct.directory), load_volume(colin27_mr.directory)]
-    monkeypatch.setattr(volmod, "_read_fast", lambda path, *_: None)
+    monkeypatch.setattr(volmod, "read_fast", lambda path, *_: None)
     slow = [load_volume(cranium_ct.directory), load_volume(colin27_mr.directory)]
     for a, b in zip(fast, slow, strict=True):
         np.testing.assert_array_equal(a.array, b.array)
@@ -197,7 +198,6 @@ def test_fast_path_equals_pydicom_path(cranium_ct: SeriesFixture, colin27_mr: Se
 def test_implicit_vr_and_unusual_layouts(tmp_path: Path) -> None:
     from pydicom.uid import ImplicitVRLittleEndian
 
-    from dicomnode.infer import volume as volmod
 
     arr = np.random.default_rng(5).integers(-1000, 2000, (5, 7, 6)).astype(float)
     paths = write_series(arr, tmp_path / "s", spacing=(2.0, 0.5, 0.5), rescale_slope=2.0,
@@ -206,7 +206,7 @@ def test_implicit_vr_and_unusual_layouts(tmp_path: Path) -> None:
         ds = pydicom.dcmread(p)
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
         ds.save_as(p, implicit_vr=True, little_endian=True)
-    assert volmod._read_fast(paths[0]) is not None
+    assert read_fast(paths[0]) is not None
     v = load_volume(paths)
     expected = np.rint((arr + 1024) / 2.0) * 2.0 - 1024
     np.testing.assert_array_equal(v.array, expected.astype(np.float32))
@@ -214,5 +214,5 @@ def test_implicit_vr_and_unusual_layouts(tmp_path: Path) -> None:
     ds = pydicom.dcmread(paths[3])
     ds.BitsStored, ds.HighBit = 12, 11
     ds.save_as(paths[3])
-    assert volmod._read_fast(paths[3]) is not None
+    assert read_fast(paths[3]) is not None
     np.testing.assert_array_equal(load_volume(paths).array, expected.astype(np.float32))

@@ -8,6 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from dicomnode.codec.reader import read_fast
 from dicomnode.infer import load_volume
 from dicomnode.infer import volume as volmod
 from tests.support.series import write_series
@@ -31,13 +32,13 @@ def test_unused_high_bits_are_ignored_like_pydicom(tmp_path: Path, signed: bool,
         raw = (stored[k].astype(np.int64) & 0x0FFF) | (rng.integers(0, 16, (9, 7)) << 12)
         ds.PixelData = raw.astype(np.uint16).view(dtype).tobytes()
         ds.save_as(p)
-    assert volmod._read_fast(paths[0]) is not None  # the fast path takes 12-bit data
+    assert read_fast(paths[0]) is not None  # the fast path takes 12-bit data
     with monkeypatch.context() as m:
         def no_pydicom(*args: object, **kwargs: object) -> None:
             raise AssertionError("the fast path fell back to pydicom")
         m.setattr(volmod.pydicom, "dcmread", no_pydicom)
         fast = load_volume(paths)
-    monkeypatch.setattr(volmod, "_read_fast", lambda path, *_: None)
+    monkeypatch.setattr(volmod, "read_fast", lambda path, *_: None)
     slow = load_volume(paths)  # pydicom's decoder
     np.testing.assert_array_equal(fast.array, slow.array)
     # ... and the values are the stored 12-bit ones after the rescale, not the garbage
@@ -63,9 +64,9 @@ def test_pixel_data_found_when_not_last_and_when_padded(tmp_path: Path,
             ds.add_new(0xFFFCFFFC, "OB", b"\0" * 6)
         ds.save_as(p)
     for p in paths:
-        assert volmod._read_fast(p) is not None
+        assert read_fast(p) is not None
     fast = load_volume(paths)
-    monkeypatch.setattr(volmod, "_read_fast", lambda path, *_: None)
+    monkeypatch.setattr(volmod, "read_fast", lambda path, *_: None)
     slow = load_volume(paths)
     np.testing.assert_array_equal(fast.array, slow.array)
     np.testing.assert_array_equal(np.sort(fast.array.ravel()), np.sort(arr.ravel()))

@@ -251,7 +251,7 @@ def make_instance(path: Path, *, study_uid: str | None = None, series_uid: str |
     if raw_dataset is not None or meta_sop_class or meta_sop_uid:
         # pydicom's writer makes the file meta agree with the dataset; rebuild it
         # so that the C-STORE request disagrees on purpose.
-        from dicomnode.store.files import part10_header
+        from dicomnode.codec.part10 import part10_header
 
         head = part10_header(meta_sop_class or sop_class,
                              meta_sop_uid or str(ds.get("SOPInstanceUID", "")),

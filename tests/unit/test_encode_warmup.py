@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from highdicom import _standard_utils as su
 
+from dicomnode.compat.highdicom import install_iod_cache
 from dicomnode.encode import common
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -19,9 +20,12 @@ def test_warm_up_loads_highdicom_tables() -> None:
 
 
 def test_memoised_iod_lookup_gives_highdicom_answers() -> None:
+    install_iod_cache()
+    install_iod_cache()  # idempotent: the original is wrapped once
     cached = su.is_attribute_in_iod
     assert getattr(cached, "_dicomnode_cached", False)
     original = cached._dicomnode_original
+    assert not getattr(original, "_dicomnode_cached", False)  # wrapped once, not twice
     cases = [("PerFrameFunctionalGroupsSequence", CT, None),
              ("PerFrameFunctionalGroupsSequence", ENHANCED_CT, None),
              ("PixelData", SEG, ["IconImageSequence"]),

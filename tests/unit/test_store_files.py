@@ -9,10 +9,11 @@ import pydicom.data
 import pytest
 from pydicom.filereader import read_file_meta_info
 
+from dicomnode.codec.part10 import part10_header
+from dicomnode.codec.walker import TruncatedError, walk
 from dicomnode.errors import InvalidInstanceError
 from dicomnode.store import MissingAttributeError, UndecodableError, read_meta
-from dicomnode.store.fastparse import TruncatedError, walk
-from dicomnode.store.files import atomic_write, instance_relpath, is_valid_uid, part10_header
+from dicomnode.store.files import atomic_write, instance_relpath, is_valid_uid
 from dicomnode.store.parse import read_meta_fast
 from tests.support.receive_node import dataset_bytes, make_instance
 

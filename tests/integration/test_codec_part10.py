@@ -1,4 +1,5 @@
-"""encode.fastwrite.to_part10: the same bytes as pydicom's writer, for every object we make."""
+"""codec.part10: to_part10 gives the same bytes as pydicom's writer for every object we
+make; part10_header the same file meta as pydicom for a received instance."""
 
 from __future__ import annotations
 
@@ -10,11 +11,19 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from dicomnode.encode import EncodeOptions, encode_results, fastwrite
-from dicomnode.encode.fastwrite import to_part10
+from dicomnode.codec import part10
+from dicomnode.codec.part10 import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    part10_header,
+    to_part10,
+)
+from dicomnode.encode import EncodeOptions, encode_results
 from tests.support.encode_data import phantom, seg_result, volume_from_paths
 from tests.support.series import SAGITTAL, write_series
 
@@ -32,7 +41,7 @@ def no_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail if to_part10 hands the object to pydicom (the fast path must be taken)."""
     def refuse(ds: Dataset) -> bytes:
         raise AssertionError("to_part10 fell back to pydicom")
-    monkeypatch.setattr(fastwrite, "_pydicom", refuse)
+    monkeypatch.setattr(part10, "_pydicom", refuse)
 
 
 @pytest.mark.parametrize("kind", ["axial_ct", "enhanced_mr", "unicode_ct"])
@@ -63,7 +72,7 @@ def test_result_objects_byte_identical(tmp_path: Path, kind: str,
             if kind != "enhanced_mr":
                 # An enhanced source's items copied into the SEG hold raw (undecoded)
                 # elements: pydicom writes those objects itself. Others: the fast path.
-                m.setattr(fastwrite, "_pydicom", lambda ds: pytest.fail("fell back"))
+                m.setattr(part10, "_pydicom", lambda ds: pytest.fail("fell back"))
             got = to_part10(ds)
         assert got == _pydicom_bytes(ds), f"{ds.Modality} {ds.SOPClassUID}"
         again = pydicom.dcmread(BytesIO(got))
@@ -130,7 +139,7 @@ def test_synthetic_dataset_byte_identical(charset: str | None, no_fallback: None
     del ds.PixelData
     ds.PixelData = pixels  # VR "OB or OW", as highdicom leaves it: decided as pydicom does
     assert ds["PixelData"].VR == "OB or OW"
-    assert fastwrite._Writer().dataset(ds, None)  # no fallback on any element here
+    assert part10._Writer().dataset(ds, None)  # no fallback on any element here
     ds2 = _synthetic(charset)
     ds2.SOPInstanceUID = ds.SOPInstanceUID
     assert to_part10(ds) == _pydicom_bytes(ds2)
@@ -149,8 +158,8 @@ def test_what_is_not_mirrored_falls_back_to_pydicom(tmp_path: Path) -> None:
     # ambiguous VR, an element read from a file (raw), another transfer syntax
     ds = _synthetic()
     ds.add_new(0x00280106, "US or SS", 0)  # Smallest Image Pixel Value
-    with pytest.raises(fastwrite._Fallback):
-        fastwrite._Writer().dataset(ds, None)
+    with pytest.raises(part10._Fallback):
+        part10._Writer().dataset(ds, None)
     assert to_part10(ds) == _pydicom_bytes(ds)
     path = tmp_path / "x.dcm"
     _synthetic().save_as(path, enforce_file_format=True)
@@ -159,3 +168,24 @@ def test_what_is_not_mirrored_falls_back_to_pydicom(tmp_path: Path) -> None:
     implicit = _synthetic()
     implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     assert to_part10(implicit) == _pydicom_bytes(implicit)
+
+
+@pytest.mark.parametrize(("sop_uid", "aet"), [("1.2.3", ""), ("1.2.34", "SCANNER "),
+                                              ("1.2.840.99.1", "CT1")])
+def test_received_file_meta_is_what_pydicom_writes(sop_uid: str, aet: str) -> None:
+    """part10_header (the receiver's file meta) against pydicom's write_file_meta_info."""
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = ct
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ts
+        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        if aet.strip():
+            meta.SourceApplicationEntityTitle = aet.strip()
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        fp.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(fp, meta, enforce_standard=True)
+        assert part10_header(ct, sop_uid, ts, aet) == fp.getvalue()
