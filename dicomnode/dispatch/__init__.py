@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dicomnode.dispatch.dispatcher import Dispatcher, DispatchReport
 from dicomnode.dispatch.notify import ResultSummary, notify
 from dicomnode.dispatch.retry import RetryPolicy
 from dicomnode.dispatch.scu import (
@@ -18,6 +19,8 @@ from dicomnode.dispatch.scu import (
 
 __all__ = [
     "AssociationFailed",
+    "DispatchReport",
+    "Dispatcher",
     "FileOutcome",
     "OutcomeState",
     "ResultSummary",
