@@ -28,7 +28,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from dicomnode.config import Settings
 from dicomnode.dispatch.dispatcher import Dispatcher
@@ -72,7 +72,7 @@ class CompletenessTracker:
         self.store = store
         self.interval = interval
         # Called when series completed (the node's workers claim their jobs now).
-        self.on_jobs: list[Any] = []
+        self.on_jobs: list[Callable[[], None]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
 
