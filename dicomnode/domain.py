@@ -17,10 +17,12 @@ Array conventions
 from __future__ import annotations
 
 import enum
+import os
+import socket
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -262,3 +264,28 @@ class InferenceResult:
     classifications: tuple[ClassificationOutput, ...] = ()
     measurements: tuple[Measurement, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def worker_identity(role: str, index: int = 0, *, pid: int | None = None) -> str:
+    """``role@host:pid[:index]``: unique per process, readable in ``jobs show``.
+
+    The holder of a job's or a delivery's lease; the node's supervisor parses it
+    back (:func:`dicomnode.node.supervisor.holder_pid`) to release the work of a
+    dead process of this host.
+    """
+    return (f"{role}@{socket.gethostname()}:{os.getpid() if pid is None else pid}"
+            + (f":{index}" if index else ""))
+
+
+class WakeSignal(Protocol):
+    """A "work is due" signal a loop waits on instead of sleeping its poll interval
+    (the node's :class:`dicomnode.node.children.WakeUp` across processes)."""
+
+    def set(self) -> None: ...
+
+    def clear(self) -> None: ...
+
+    def wait(self, timeout: float) -> bool: ...

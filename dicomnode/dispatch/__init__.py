@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dicomnode.dispatch.dispatcher import Dispatcher, DispatchReport
 from dicomnode.dispatch.notify import ResultSummary, notify
 from dicomnode.dispatch.scu import (
     AssociationFailed,
@@ -17,6 +18,8 @@ from dicomnode.dispatch.scu import (
 
 __all__ = [
     "AssociationFailed",
+    "DispatchReport",
+    "Dispatcher",
     "FileOutcome",
     "OutcomeState",
     "ResultSummary",

@@ -1,8 +1,10 @@
-"""Receiving: the DICOM SCP (C-ECHO, C-STORE) and the node process around it."""
+"""Receiving: the DICOM SCP (C-ECHO, C-STORE): handlers -> statuses, pump, response encoders.
+
+The node process around it (receiving processes, supervision) is :mod:`dicomnode.node`.
+"""
 
 from __future__ import annotations
 
-from dicomnode.receive.node import CompletenessTracker, Node, Service, run_node
 from dicomnode.receive.scp import StorageSCP
 
-__all__ = ["CompletenessTracker", "Node", "Service", "StorageSCP", "run_node"]
+__all__ = ["StorageSCP"]

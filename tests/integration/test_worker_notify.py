@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 
+from dicomnode.dispatch.dispatcher import Dispatcher
 from dicomnode.dispatch.notify import control_id_for
 from dicomnode.domain import DeliveryState, JobState
 from dicomnode.store import Store
-from dicomnode.worker import Dispatcher, Worker
+from dicomnode.worker import Worker
 from tests.support.infer_data import cranium_ct_series
 from tests.support.notify_peers import mllp_server, webhook_server
 from tests.support.pipeline_env import ingest_series, pipeline_settings, write_config

@@ -11,10 +11,11 @@ import numpy as np
 import pydicom
 import pytest
 
+from dicomnode.dispatch.dispatcher import Dispatcher
 from dicomnode.domain import DeliveryState, JobState
 from dicomnode.errors import VolumeError
 from dicomnode.store import Store
-from dicomnode.worker import Dispatcher, Pipeline, Worker, _Heartbeat, classify
+from dicomnode.worker import Pipeline, Worker, _Heartbeat, classify
 from tests.support.infer_data import cranium_ct_series
 from tests.support.peers import Orthanc, dciodvfy, free_port, orthanc_running
 from tests.support.pipeline_env import (
@@ -309,7 +310,8 @@ def test_worker_loop_stops(tmp_path: Path, pacs: Orthanc) -> None:
 def test_release_jobs_of_dead_local_workers_only(tmp_path: Path, pacs: Orthanc) -> None:
     import subprocess
 
-    from dicomnode.worker import release_jobs, worker_identity
+    from dicomnode.domain import worker_identity
+    from dicomnode.node.supervisor import release_jobs
 
     gone = subprocess.Popen(["true"])
     gone.wait()
@@ -340,7 +342,8 @@ def test_release_deliveries_of_dead_local_dispatcher(tmp_path: Path, pacs: Ortha
                                                      ct_small) -> None:
     import subprocess
 
-    from dicomnode.worker import release_deliveries, worker_identity
+    from dicomnode.domain import worker_identity
+    from dicomnode.node.supervisor import release_deliveries
 
     gone = subprocess.Popen(["true"])
     gone.wait()
@@ -468,7 +471,7 @@ def test_worker_wakes_the_dispatcher(tmp_path: Path, pacs: Orthanc, ct_small) ->
     """With a poll interval far longer than the test, deliveries still go out at once:
     the worker's WakeUp (the one ``serve`` shares between its processes) wakes the
     dispatcher when a job queued them."""
-    from dicomnode.worker import WakeUp
+    from dicomnode.node.children import WakeUp
 
     with _open(tmp_path, pacs.dicom_port, pacs.aet, [CT_RULE],
                worker={"poll_seconds": 600}) as store:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset
 
+from dicomnode.domain import worker_identity
 from dicomnode.errors import (
     ConfigError,
     EncodeError,
@@ -21,7 +22,7 @@ from dicomnode.errors import (
 )
 from dicomnode.routing import SendTarget
 from dicomnode.store import Store
-from dicomnode.worker import Pipeline, _Prefetch, classify, worker_identity
+from dicomnode.worker import Pipeline, _Prefetch, classify
 from tests.support.pipeline_env import destination, pipeline_settings
 
 
@@ -99,14 +100,14 @@ def test_children_log_like_the_parent(tmp_path: Path) -> None:
     import logging
 
     from dicomnode.logs import setup_logging
-    from dicomnode.worker import _parent_logging
+    from dicomnode.node.children import parent_logging
 
     settings = pipeline_settings(tmp_path)
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
     try:
         setup_logging("DEBUG", json_lines=True)  # as `dicomnode --log-json --log-level DEBUG`
-        child = _parent_logging(settings)
+        child = parent_logging(settings)
         assert (child.logging.level, child.logging.json) == ("DEBUG", True)
         assert (settings.logging.level, settings.logging.json) == ("INFO", False)
     finally:
@@ -154,7 +155,7 @@ def test_wakeup_crosses_processes_and_survives_a_killed_waiter() -> None:
     setter forever, waiting for the dead sleeper to acknowledge)."""
     import multiprocessing as mp
 
-    from dicomnode.worker import WakeUp
+    from dicomnode.node.children import WakeUp
 
     ctx = mp.get_context("spawn")
     wake = WakeUp()
@@ -184,7 +185,7 @@ def test_a_zombie_holder_is_not_alive() -> None:
     import subprocess
     import sys
 
-    from dicomnode.worker import _pid_alive
+    from dicomnode.node.supervisor import pid_alive
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.monotonic() + 30
@@ -194,8 +195,8 @@ def test_a_zombie_holder_is_not_alive() -> None:
                 break
         time.sleep(0.05)
     try:
-        assert not _pid_alive(child.pid)
-        assert _pid_alive(os.getpid())
+        assert not pid_alive(child.pid)
+        assert pid_alive(os.getpid())
     finally:
         child.wait(10)
-    assert not _pid_alive(child.pid)
+    assert not pid_alive(child.pid)

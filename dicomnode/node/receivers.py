@@ -13,7 +13,8 @@ Kernel load balancing (SO_REUSEPORT, used before) hashes connections to
 processes: three concurrent senders on three processes all landed on different
 processes only 2 times in 9, so one process served two or three of them.
 
-A receiving process that dies is restarted by the node's supervision loop; a
+A receiving process that dies is restarted by the node's one restart policy
+(:class:`dicomnode.node.supervisor.Supervisor`); a
 connection is never given to a dead or not yet ready one (the node serves it
 itself). When the node process dies, its receiving processes see their socket
 pair close and stop: an orphan must not keep serving.
@@ -30,10 +31,14 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from dicomnode.config import Settings
 from dicomnode.logs import kv, setup_logging
+from dicomnode.node.supervisor import DeadChild, Proc, Supervisor, freeze_heap
+from dicomnode.receive.scp import StorageSCP
+from dicomnode.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +63,9 @@ class ReceiverPool:
 
     :meth:`forward` is called by the node's SCP server for every accepted
     connection; :meth:`local_closed` by the node's own SCP when one of its
-    connections closes.
+    connections closes. The processes are run by a :class:`Supervisor` (the
+    node's one restart policy); a dead one's connections are released by
+    :meth:`_release`, and it is given none until its successor says it is ready.
     """
 
     name = "receivers"
@@ -67,16 +74,17 @@ class ReceiverPool:
         self.settings = settings
         self.count = count
         self._ctx = mp.get_context("spawn")
-        self._children: list[_Child] = []
+        self._children: dict[int, _Child] = {}
         self._local_active = 0
         self._lock = threading.Lock()
         self._sel = selectors.DefaultSelector()
         self._stop = threading.Event()
         self._reader: threading.Thread | None = None
+        self.supervisor = Supervisor("receiver", self._spawn, count, release=self._release)
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _spawn(self, index: int) -> _Child:
+    def _spawn(self, index: int) -> Proc:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         p = self._ctx.Process(target=receiver_main,
                               args=(self.settings, index, os.getpid(), theirs),
@@ -87,34 +95,39 @@ class ReceiverPool:
         # after this long the connection is served by the node process instead.
         mine.settimeout(2.0)
         child = _Child(index, p, mine)
-        self._sel.register(mine, selectors.EVENT_READ, child)
-        return child
+        with self._lock:
+            old = self._children.get(index)
+            if old is not None:
+                self._drop(old)
+            self._children[index] = child
+            self._sel.register(mine, selectors.EVENT_READ, child)
+        return p
+
+    def _release(self, dead: Sequence[DeadChild] | None, reason: str) -> bool:
+        """A receiving process died: stop counting and listening to it (its
+        connections died with it); it gets no connection until restarted and ready."""
+        with self._lock:
+            for d in dead or ():
+                c = self._children.get(d.index)
+                if c is not None and c.proc.pid == d.pid:
+                    c.active = 0
+                    self._drop(c)
+        return False
 
     def start(self) -> None:
         """Spawn the processes and wait until each says it is serving."""
-        with self._lock:
-            self._children = [self._spawn(i + 1) for i in range(self.count)]
+        self.supervisor.start()
         self._reader = threading.Thread(target=self._read_loop, name="receivers-status",
                                         daemon=True)
         self._reader.start()
         deadline = time.monotonic() + _READY_TIMEOUT_S
         while time.monotonic() < deadline:
             with self._lock:
-                if all(c.ready for c in self._children):
+                if all(c.ready for c in self._children.values()):
                     return
             time.sleep(0.02)
         log.error("receiver processes not ready in time; the node serves alone until they are",
                   extra=kv(timeout_s=_READY_TIMEOUT_S))
-
-    def check(self) -> None:
-        """Restart receiving processes that died."""
-        with self._lock:
-            for i, c in enumerate(self._children):
-                if not c.proc.is_alive():
-                    log.error("receiver process died; restarting", extra=kv(
-                        receiver=c.index, exitcode=c.proc.exitcode))
-                    self._drop(c)
-                    self._children[i] = self._spawn(c.index)
 
     def _drop(self, c: _Child) -> None:
         """Stop listening to a receiving process and close our end (idempotent)."""
@@ -127,25 +140,15 @@ class ReceiverPool:
 
     def stop(self, timeout: float) -> None:
         self._stop.set()
+        self.supervisor.stop(timeout)
         with self._lock:
-            children = list(self._children)
-        for c in children:
-            if c.proc.is_alive():
-                c.proc.terminate()
-        deadline = time.monotonic() + timeout
-        for c in children:
-            c.proc.join(max(0.1, deadline - time.monotonic()))
-            if c.proc.is_alive():
-                c.proc.kill()
-                c.proc.join(1)
-        with self._lock:
-            for c in children:
+            for c in self._children.values():
                 self._drop(c)  # idempotent
         if self._reader is not None:
             self._reader.join(2)
 
     def alive(self) -> bool:
-        return all(c.proc.is_alive() for c in self._children)
+        return self.supervisor.alive()
 
     # ------------------------------------------------------------------ balancing
 
@@ -155,7 +158,7 @@ class ReceiverPool:
         On True the node's copy of the socket is closed (the process has its own).
         """
         with self._lock:
-            best = min((c for c in self._children if c.ready),
+            best = min((c for c in self._children.values() if c.ready),
                        key=lambda c: (c.active, c.index), default=None)
             if best is None or self._local_active <= best.active:
                 self._local_active += 1  # ties: the node process serves it
@@ -168,7 +171,7 @@ class ReceiverPool:
                 log.warning("cannot hand a connection to a receiver process; serving it here",
                             extra=kv(receiver=best.index, error=str(exc)))
                 if not isinstance(exc, TimeoutError):
-                    best.ready = False  # gone: check() restarts it
+                    best.ready = False  # gone: the supervisor restarts it
                 self._local_active += 1
                 return False
             best.active += 1
@@ -182,7 +185,7 @@ class ReceiverPool:
     def counts(self) -> list[int]:
         """Open connections per receiving process, the node process first."""
         with self._lock:
-            return [self._local_active] + [c.active for c in self._children]
+            return [self._local_active] + [c.active for _, c in sorted(self._children.items())]
 
     def _read_loop(self) -> None:
         while not self._stop.is_set():
@@ -206,17 +209,13 @@ class ReceiverPool:
                         child.ready = True
                         log.info("receiver process ready", extra=kv(
                             receiver=child.index, pid=child.proc.pid))
-                    elif not msg:  # the process is gone: check() restarts it
+                    elif not msg:  # the process is gone: the supervisor restarts it
                         child.active = 0
                         self._drop(child)
 
 
 def receiver_main(settings: Settings, index: int, parent_pid: int, chan: socket.socket) -> None:
     """Entry point of a receiving process (spawned, so it starts clean)."""
-    from dicomnode.receive.node import _freeze_heap
-    from dicomnode.receive.scp import StorageSCP
-    from dicomnode.store import Store
-
     setup_logging(settings.logging.level, settings.logging.json, settings.logging.file)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -233,7 +232,7 @@ def receiver_main(settings: Settings, index: int, parent_pid: int, chan: socket.
 
     scp = StorageSCP(settings, store, detached=True, on_conn_close=closed)
     scp.start()
-    _freeze_heap()
+    freeze_heap()
 
     def take() -> None:
         while not stop.is_set():

@@ -1,0 +1,159 @@
+"""Entry points of the worker and dispatcher processes, and what they share.
+
+Both are spawned (they start clean: no inherited threads or connections) by a
+:class:`dicomnode.node.supervisor.Supervisor`; the receiving processes' entry
+point is :func:`dicomnode.node.receivers.receiver_main`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+
+from dicomnode.config import Settings
+from dicomnode.dispatch.dispatcher import Dispatcher
+from dicomnode.domain import worker_identity
+from dicomnode.logs import JsonFormatter, kv, setup_logging
+from dicomnode.node.supervisor import freeze_heap
+from dicomnode.store import Store
+from dicomnode.worker import Pipeline, Worker
+
+log = logging.getLogger(__name__)
+
+
+class WakeUp:
+    """Workers -> dispatcher "deliveries queued" signal across processes.
+
+    A counting semaphore, not a ``multiprocessing.Event``: setting an Event
+    waits for its sleepers to acknowledge, so a worker would hang forever on a
+    dispatcher killed while waiting, and a signal handler could deadlock on it.
+    Posting a semaphore never blocks; the dispatcher drains it before each poll.
+    """
+
+    def __init__(self) -> None:
+        self._sem = mp.get_context("spawn").Semaphore(0)
+
+    def set(self) -> None:
+        self._sem.release()
+
+    def clear(self) -> None:
+        while self._sem.acquire(False):
+            pass
+
+    def wait(self, timeout: float) -> bool:
+        """True when woken before ``timeout`` seconds."""
+        if self._sem.acquire(True, timeout):
+            self._sem.release()  # stays set until the next clear()
+            return True
+        return False
+
+
+def child_signals(stop: threading.Event, wake: WakeUp | None = None) -> None:
+    """SIGTERM / SIGINT set ``stop`` (and ``wake``); the child dies with its parent."""
+    def _stop(*_: object) -> None:
+        stop.set()
+        if wake is not None:
+            wake.set()  # a dispatcher waiting for work returns at once
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    die_with_parent()
+
+
+def die_with_parent() -> None:
+    """A child must not outlive its node: ``kill -9`` of the node kills its workers.
+
+    Otherwise an orphaned worker would keep a job (and send results) that the
+    restarted node's workers cannot see ending. Linux: ``PR_SET_PDEATHSIG``;
+    elsewhere (and as a fallback) a thread watching the parent pid.
+    """
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def parent_logging(settings: Settings) -> Settings:
+    """``settings`` with the log level and format the parent actually uses.
+
+    ``dicomnode --log-json --log-level DEBUG serve`` configures the parent's
+    logging from command-line flags that are not in the settings; children
+    must log the same way, into the same stream.
+    """
+    root = logging.getLogger()
+    json_lines = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
+    level = logging.getLevelName(root.level)
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        return settings  # logging not set up here (library use): keep the settings
+    return dataclasses.replace(settings, logging=dataclasses.replace(
+        settings.logging, level=level, json=json_lines or settings.logging.json))
+
+
+def _warm_up_and_freeze(pipeline: Pipeline) -> None:
+    """Warm up, then freeze the start-up heap (see :func:`freeze_heap`)."""
+    pipeline.warm_up()
+    freeze_heap()
+
+
+def worker_main(settings: Settings, index: int, wake: WakeUp | None = None,
+                jobs: WakeUp | None = None) -> None:
+    """Entry point of a worker process.
+
+    ``wake``: a :class:`WakeUp` shared with the dispatcher, set when a job
+    queued deliveries so that the dispatcher sends them now instead of at its
+    next poll. ``jobs``: set by the node when a series completed (a job is due).
+    """
+    setup_logging(settings.logging.level, settings.logging.json, settings.logging.file)
+    stop = threading.Event()
+    child_signals(stop, jobs)
+    store = Store.open(settings)
+    try:
+        worker = Worker(settings, store, worker_id=worker_identity("worker", index))
+        worker.pipeline.on_timeout = lambda: os._exit(3)
+        if wake is not None:
+            worker.on_deliveries = wake.set
+        # Beside the loop, not before it: a job due now need not wait for it.
+        threading.Thread(target=_warm_up_and_freeze, args=(worker.pipeline,), name="warm-up",
+                         daemon=True).start()
+        log.info("worker process ready", extra=kv(worker=worker.worker_id,
+                                                  models=",".join(worker.pipeline.registry.names())))
+        worker.run(stop, wake=jobs)
+    finally:
+        store.close()
+
+
+def dispatcher_main(settings: Settings, index: int, wake: WakeUp | None = None) -> None:
+    """Entry point of the dispatcher process (``wake``: see :func:`worker_main`)."""
+    setup_logging(settings.logging.level, settings.logging.json, settings.logging.file)
+    stop = threading.Event()
+    child_signals(stop, wake)
+    store = Store.open(settings)
+    try:
+        d = Dispatcher(settings, store, worker_id=worker_identity("dispatcher", index))
+        log.info("dispatcher process ready", extra=kv(
+            worker=d.worker_id, destinations=",".join(x.name for x in settings.destinations)))
+        d.run(stop, wake=wake)
+    finally:
+        store.close()
+
+
+__all__ = ["WakeUp", "child_signals", "die_with_parent", "dispatcher_main", "parent_logging",
+           "worker_main"]
