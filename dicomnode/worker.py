@@ -63,6 +63,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from dicomnode.codec.part10 import to_part10
 from dicomnode.config import Settings
 from dicomnode.dispatch.notify import ResultSummary
 from dicomnode.domain import (
@@ -328,8 +329,8 @@ class Pipeline:
     def warm_up(self) -> None:
         """One-time costs of the first job, paid at start instead (call from a thread).
 
-        Importing the encoders (highdicom: ~0.7 s) and loading highdicom's
-        tables of the standard (~0.4 s), importing the model runtimes the
+        Loading highdicom's tables of the standard (~0.4 s; the encoders
+        themselves are imported with this module), importing the model runtimes the
         enabled models use, and touching ``worker.volume_buffer_mb`` of volume
         memory (fresh pages cost 0.3-0.7 s per 300 MB on first touch). Models
         themselves still load on first use (their sessions hold memory;
@@ -338,15 +339,11 @@ class Pipeline:
         t0 = time.perf_counter()
         try:
             self.volume_buffer.prefault(self.settings.worker.volume_buffer_mb << 20)
-            # Imported here on purpose: importing them (highdicom ~0.7 s, the model
-            # runtimes) is the warm-up, paid in this thread beside the first job.
-            import dicomnode.encode.fastwrite
-            import dicomnode.encode.seg
-            import dicomnode.encode.sr  # noqa: F401
-
             encode_common.warm_up()
             backends = {self.registry.manifest(n).backend for n in self.registry.names()}
             if "onnx" in backends:
+                # Imported here on purpose: importing it is the warm-up (0.2 s),
+                # and only when an enabled model runs on onnxruntime.
                 import onnxruntime  # noqa: F401
         except Exception:  # noqa: BLE001 - only a speed-up: the job reports real errors
             log.warning("worker warm-up failed (the first job pays the start-up costs)",
@@ -424,8 +421,6 @@ class Pipeline:
 
     def _run(self, job: Job, report: JobReport,
              hb: _Heartbeat) -> tuple[list[OutputObject], list[NewDelivery]]:
-        from dicomnode.encode.fastwrite import to_part10
-
         timings = report.timings
         with _timed(timings, "route"):
             refs = self.store.series_instances(job.series_uid, job.series_version)
