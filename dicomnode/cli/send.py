@@ -142,8 +142,9 @@ class _Progress:
 def send_files(files: list[_File], host: str, port: int, called_aet: str, calling_aet: str,
                *, max_pdu: int = 0, timeout: float = 60.0, progress: bool = False) -> SendResult:
     """C-STORE every file with :func:`dicomnode.dispatch.scu.store_files`."""
-    # Imported here, not at the top: it loads pynetdicom, +80 ms (30 %) on every
-    # `dicomnode` command, `--help` included (measured with -X importtime).
+    # Imported here, not at the top: it loads pynetdicom, +50-80 ms (20-30 %) on every
+    # `dicomnode` command, `--help` included (every command module is imported to
+    # build the parser; measured with -X importtime).
     from dicomnode.dispatch.scu import AssociationFailed, store_files
 
     dest = DestinationConfig(name="send", ae_title=called_aet, host=host, port=port,
