@@ -13,6 +13,7 @@ peer unreachable or rejecting).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -24,6 +25,7 @@ from pydicom.filereader import read_file_meta_info
 
 from dicomnode.config import DestinationConfig
 from dicomnode.errors import DicomNodeError
+from dicomnode.logs import setup_logging
 
 if TYPE_CHECKING:
     from dicomnode.dispatch.scu import AssociationFailed, FileOutcome
@@ -163,6 +165,11 @@ def send_files(files: list[_File], host: str, port: int, called_aet: str, callin
 
 
 def _run(args: argparse.Namespace) -> int:
+    if getattr(args, "log_level", None):
+        setup_logging(args.log_level, bool(getattr(args, "log_json", False)))
+    else:
+        # The summary below is the report; the SCU's own log lines only with --log-level.
+        logging.getLogger("dicomnode").addHandler(logging.NullHandler())
     host, port = _parse_to(args.to)
     files, skipped = collect(args.paths)
     if not files:
