@@ -26,8 +26,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 
+from dicomnode.compat.pynetdicom import guard_reactor_race
 from dicomnode.config import Settings, load_settings
-from dicomnode.dispatch import guard_reactor_race
 from tests.support.peers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
