@@ -40,7 +40,7 @@ class _File:
 
 
 @dataclass(frozen=True)
-class SendResult:
+class SendReport:
     """What ``dicomnode send`` reports: one outcome per file, and the association
     failure that stopped sending, if any."""
 
@@ -142,7 +142,7 @@ class _Progress:
 
 
 def send_files(files: list[_File], host: str, port: int, called_aet: str, calling_aet: str,
-               *, max_pdu: int = 0, timeout: float = 60.0, progress: bool = False) -> SendResult:
+               *, max_pdu: int = 0, timeout: float = 60.0, progress: bool = False) -> SendReport:
     """C-STORE every file with :func:`dicomnode.dispatch.scu.store_files`."""
     # Imported here, not at the top: it loads pynetdicom, +50-80 ms (20-30 %) on every
     # `dicomnode` command, `--help` included (every command module is imported to
@@ -156,9 +156,9 @@ def send_files(files: list[_File], host: str, port: int, called_aet: str, callin
         res = store_files(dest, [f.path for f in files], calling_ae_title=calling_aet,
                           acse_timeout=timeout, dimse_timeout=timeout,
                           network_timeout=timeout, on_outcome=lambda o: bar.step(o.ok))
-        result = SendResult(res.outcomes)
+        result = SendReport(res.outcomes)
     except AssociationFailed as exc:
-        result = SendResult(exc.outcomes, exc)
+        result = SendReport(exc.outcomes, exc)
     finally:
         bar.close()
     return result
