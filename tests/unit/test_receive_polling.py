@@ -3,6 +3,7 @@ compat/pynetdicom.py wait_for_messages)."""
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
 import time
@@ -20,7 +21,6 @@ class _FakeAssoc:
     def __init__(self) -> None:
         class _Dul:
             def __init__(self) -> None:
-                import queue
                 self.event_queue: queue.Queue[str] = queue.Queue()
 
         self.dul = _Dul()
@@ -62,8 +62,6 @@ def test_ready_reports_a_closed_connection_as_pynetdicom_does() -> None:
 
 
 def test_non_blocking_get_waits_briefly_and_returns_a_message_at_once() -> None:
-    import queue
-
     class _Dimse:
         def __init__(self) -> None:
             self.msg_queue: queue.Queue[tuple[int, str]] = queue.Queue()
