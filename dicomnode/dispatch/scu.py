@@ -32,7 +32,7 @@ import enum
 import logging
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,11 +41,12 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
+from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
 
+from dicomnode.compat.pynetdicom import guard_reactor_race, set_store_send_chunked
 from dicomnode.config import DestinationConfig
 from dicomnode.errors import DispatchError
 from dicomnode.logs import kv
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 # and re-encoding it: the file goes out exactly as stored, in bounded memory.
 # The flag only changes how *paths* are sent (it then requires an exact
 # transfer syntax match, which is what we want); datasets are unaffected.
-_config.STORE_SEND_CHUNKED_DATASET = True
+set_store_send_chunked(True)
 
 #: A-ASSOCIATE-RQ carries at most 128 presentation contexts (odd IDs 1..255).
 MAX_CONTEXTS = 128
@@ -120,24 +121,35 @@ class SendResult:
         return tuple(o for o in self.outcomes if not o.ok)
 
 
+class AssociationFailure(enum.StrEnum):
+    """How an association failed (:attr:`AssociationFailed.kind`)."""
+
+    UNREACHABLE = "unreachable"  # no connection
+    REJECTED = "rejected"  # A-ASSOCIATE-RJ
+    ABORTED = "aborted"  # aborted during negotiation
+    LOST = "lost"  # aborted or broken after it was established
+
+
 class AssociationFailed(DispatchError):
     """No association, a rejected one, or one lost mid-batch (always transient).
 
     ``outcomes`` lists every input file: those the peer acknowledged before the
-    failure keep their status, the others are failed and transient.
+    failure keep their status, the others are failed and transient. ``kind`` says
+    how it failed; ``detail`` is the peer's rejection (result, source, reason).
     """
 
-    def __init__(self, message: str, outcomes: Sequence[FileOutcome] = ()):
+    def __init__(self, message: str, outcomes: Sequence[FileOutcome] = (), *,
+                 kind: AssociationFailure = AssociationFailure.LOST, detail: str = ""):
         super().__init__(message, transient=True)
         self.outcomes = tuple(outcomes)
+        self.kind = kind
+        self.detail = detail
 
 
 def status_text(code: int) -> str:
     """``0xA700 (Refused: Out of Resources)`` style description."""
     desc = STORAGE_SERVICE_CLASS_STATUS.get(code)
     if desc is None:
-        from pynetdicom.status import GENERAL_STATUS
-
         desc = GENERAL_STATUS.get(code)
     return f"0x{code:04X}" + (f" ({desc[1]})" if desc else "")
 
@@ -316,32 +328,6 @@ def _send_one(assoc: Association, it: _Item, accepted: dict[UID, list[UID]]) -> 
                        message=f"peer returned {text}", **base)  # type: ignore[arg-type]
 
 
-def guard_reactor_race(assoc: Association) -> None:
-    """Hand back DIMSE responses that pynetdicom's reactor thread takes by mistake.
-
-    pynetdicom 3.0 pauses its reactor around ``send_c_store`` with an event and
-    an ``_is_paused`` flag, but after one C-STORE the flag still reads "paused"
-    until the reactor thread runs again. A fast peer's next C-STORE-RSP can then
-    be dequeued by the waking reactor, which logs "Received unexpected C-STORE
-    service message" and drops it; ``send_c_store`` waits the whole DIMSE
-    timeout and aborts the association. Seen here about once in 1000 C-STOREs
-    to DCMTK storescp on a busy 2-core machine. The reactor only ever serves
-    *requests* on our (requestor) side, so a response reaching it is put back on
-    the queue that ``send_c_store`` is blocked on.
-    """
-    serve = assoc._serve_request
-
-    def _serve(msg: Any, context_id: int) -> None:
-        if not msg.is_valid_request and msg.is_valid_response:
-            log.debug("returning a DIMSE response taken by the pynetdicom reactor",
-                      extra=kv(msg_type=msg.msg_type, context_id=context_id))
-            assoc.dimse.msg_queue.put((context_id, msg))
-            return
-        serve(msg, context_id)
-
-    assoc._serve_request = _serve  # type: ignore[method-assign]
-
-
 def _reject_text(primitive: Any) -> str:
     try:
         return (f"{primitive.result_str}, source: {primitive.source_str}, "
@@ -358,6 +344,7 @@ def store_files(
     acse_timeout: float = 30.0,
     dimse_timeout: float = 60.0,
     network_timeout: float = 60.0,
+    on_outcome: Callable[[FileOutcome], None] | None = None,
 ) -> SendResult:
     """Send ``paths`` to ``destination`` by C-STORE, as stored.
 
@@ -370,6 +357,9 @@ def store_files(
         Stored DICOM files (Part 10, with file meta).
     calling_ae_title
         Our AE title, normally ``node.ae_title``.
+    on_outcome
+        Called with each file's final outcome as soon as it is known (in the
+        order files are settled, not input order): progress reporting.
 
     Returns
     -------
@@ -385,11 +375,22 @@ def store_files(
     calling = destination.calling_ae_title or calling_ae_title
     files = [Path(p) for p in paths]
     outcomes: dict[int, FileOutcome] = {}
+
+    def settle(index: int, outcome: FileOutcome) -> None:
+        outcomes[index] = outcome
+        if on_outcome is not None:
+            on_outcome(outcome)
+
+    def settle_rest(message: str) -> None:
+        for it in items:  # later batches were never tried
+            if it.index not in outcomes:
+                settle(it.index, _failed(it, message, transient=True))
+
     items: list[_Item] = []
     for i, p in enumerate(files):
         r = _read_item(i, p)
         if isinstance(r, FileOutcome):
-            outcomes[i] = r
+            settle(i, r)
         else:
             items.append(r)
 
@@ -421,27 +422,30 @@ def store_files(
             # (pynetdicom then aborts): the peer takes none of these SOP class /
             # syntax pairs. Asking again will not change that.
             for it in batch:
-                outcomes[it.index] = _failed(
+                settle(it.index, _failed(
                     it, f"{peer} accepted no presentation context for {it.sop_class.name} "
                     f"({it.sop_class}) with {it.syntax.name} ({it.syntax}) or any fallback",
-                    transient=False)
+                    transient=False))
             log.warning("dispatch: peer refused every presentation context", extra=kv(
                 destination=destination.name, peer=peer, files=len(batch)))
             continue
         if not assoc.is_established:
+            detail = ""
             if not connected:
+                kind = AssociationFailure.UNREACHABLE
                 why = f"cannot connect to {peer} (connection refused or unreachable)"
             elif assoc.is_rejected:
-                why = f"{peer} rejected the association: {_reject_text(received[-1])}"
+                kind, detail = AssociationFailure.REJECTED, _reject_text(received[-1])
+                why = f"{peer} rejected the association: {detail}"
             else:
+                kind = AssociationFailure.ABORTED
                 why = f"{peer} aborted the association during negotiation"
             for it in batch:
-                outcomes[it.index] = _failed(it, why, transient=True)
-            for it in items:  # later batches were never tried
-                outcomes.setdefault(it.index, _failed(it, f"not sent: {why}", transient=True))
+                settle(it.index, _failed(it, why, transient=True))
+            settle_rest(f"not sent: {why}")
             log.warning("dispatch association failed", extra=kv(
                 destination=destination.name, peer=peer, reason=why, files=len(files)))
-            raise AssociationFailed(why, ordered())
+            raise AssociationFailed(why, ordered(), kind=kind, detail=detail)
         guard_reactor_race(assoc)
         try:
             # Small PDUs (C-STORE responses, short datasets) must not wait
@@ -454,21 +458,19 @@ def store_files(
         lost: str | None = None
         for it in batch:
             if lost is not None:
-                outcomes[it.index] = _failed(it, f"not sent: {lost}", transient=True)
+                settle(it.index, _failed(it, f"not sent: {lost}", transient=True))
                 continue
             out = _send_one(assoc, it, accepted)
-            outcomes[it.index] = out
             if not assoc.is_established:
                 lost = f"association with {peer} was aborted"
-                if out.ok:
-                    continue
-                outcomes[it.index] = _failed(it, f"{lost} ({out.message})", transient=True,
-                                             status=out.status, syntax=out.transfer_syntax)
+                if not out.ok:
+                    out = _failed(it, f"{lost} ({out.message})", transient=True,
+                                  status=out.status, syntax=out.transfer_syntax)
+            settle(it.index, out)
         if lost is None:
             assoc.release()
         else:
-            for it in items:
-                outcomes.setdefault(it.index, _failed(it, f"not sent: {lost}", transient=True))
+            settle_rest(f"not sent: {lost}")
             log.warning("dispatch association lost", extra=kv(
                 destination=destination.name, peer=peer, files=len(files)))
             raise AssociationFailed(lost, ordered())

@@ -20,18 +20,22 @@ from typing import Any
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
+from dicomnode.compat.pynetdicom import dul_established
+
 C_STORE_RSP = 0x8001
 NO_DATASET = 0x0101
 
 
-def _ui(tag_elem: int, uid: str) -> bytes:
+def ui_element(tag_elem: int, uid: str) -> bytes:
+    """A UI element of group 0000 (Implicit VR LE), padded to even length with NUL."""
     value = uid.encode("ascii")
     if len(value) % 2:
         value += b"\x00"
     return pack("<HHI", 0x0000, tag_elem, len(value)) + value
 
 
-def _us(tag_elem: int, value: int) -> bytes:
+def us_element(tag_elem: int, value: int) -> bytes:
+    """A US element of group 0000 (Implicit VR LE)."""
     return pack("<HHIH", 0x0000, tag_elem, 2, value)
 
 
@@ -42,12 +46,12 @@ def encode_store_rsp(sop_class_uid: str, sop_instance_uid: str, message_id: int,
     An empty UID is left out (both are optional in the response, PS3.7 9.3.1.2).
     """
     body = b"".join((
-        _ui(0x0002, sop_class_uid) if sop_class_uid else b"",
-        _us(0x0100, C_STORE_RSP),
-        _us(0x0120, message_id),
-        _us(0x0800, NO_DATASET),
-        _us(0x0900, status),
-        _ui(0x1000, sop_instance_uid) if sop_instance_uid else b"",
+        ui_element(0x0002, sop_class_uid) if sop_class_uid else b"",
+        us_element(0x0100, C_STORE_RSP),
+        us_element(0x0120, message_id),
+        us_element(0x0800, NO_DATASET),
+        us_element(0x0900, status),
+        ui_element(0x1000, sop_instance_uid) if sop_instance_uid else b"",
     ))
     return pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
 
@@ -59,7 +63,7 @@ def p_data_tf(context_id: int, command: bytes) -> bytes:
                                                              0x03) + command)
 
 
-def _plain_store_rsp(p: Any) -> tuple[str, str, int, int] | None:
+def plain_store_rsp(p: Any) -> tuple[str, str, int, int] | None:
     if type(p) is not C_STORE or p.MessageIDBeingRespondedTo is None:
         return None
     if p.ErrorComment is not None or p.OffendingElement is not None:
@@ -79,13 +83,13 @@ def install(dimse: Any) -> None:
     original = dimse.send_msg
 
     def send_msg(self: Any, primitive: Any, context_id: int) -> None:
-        fields = _plain_store_rsp(primitive)
+        fields = plain_store_rsp(primitive)
         if fields is not None:
             cmd = encode_store_rsp(*fields)
             max_pdu = self.maximum_pdu_size
             if not max_pdu or len(cmd) + 6 <= max_pdu:
                 dul = self.dul
-                if (dul.state_machine.current_state == "Sta6" and dul.to_provider_queue.empty()
+                if (dul_established(dul) and dul.to_provider_queue.empty()
                         and dul.socket is not None):
                     # Established and nothing queued for the peer: send the PDU from
                     # this thread (P-DATA does not change the state machine's state)

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from struct import pack, unpack_from
 from typing import Any
 
+from dicomnode.compat.pynetdicom import restart_idle_timer, stopped_locally
 from dicomnode.logs import kv
 from dicomnode.receive import fastrsp
 
@@ -122,11 +123,11 @@ def _ui(cmd: dict[int, bytes], elem: int) -> str | None:
 def encode_echo_rsp(sop_class_uid: str, message_id: int, status: int) -> bytes:
     """The encoded command set of a C-ECHO-RSP (PS3.7 9.3.5.2)."""
     body = b"".join((
-        fastrsp._ui(0x0002, sop_class_uid),
-        fastrsp._us(0x0100, C_ECHO_RSP),
-        fastrsp._us(0x0120, message_id),
-        fastrsp._us(0x0800, NO_DATASET),
-        fastrsp._us(0x0900, status),
+        fastrsp.ui_element(0x0002, sop_class_uid),
+        fastrsp.us_element(0x0100, C_ECHO_RSP),
+        fastrsp.us_element(0x0120, message_id),
+        fastrsp.us_element(0x0800, NO_DATASET),
+        fastrsp.us_element(0x0900, status),
     ))
     return pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
 
@@ -162,8 +163,8 @@ class Pump:
         self.flag = flag
         self.store = store
         # As pynetdicom's events show them: (context_id, abstract_syntax, transfer_syntax).
-        self.contexts: dict[int, Any] = {cid: cx.as_tuple
-                                         for cid, cx in assoc._accepted_cx.items()}
+        self.contexts: dict[int, Any] = {cx.context_id: cx.as_tuple
+                                         for cx in assoc.accepted_contexts}
         self.buf = bytearray(1 << 18)
         self.view = memoryview(self.buf)
         self.start = 0
@@ -175,11 +176,9 @@ class Pump:
     # ------------------------------------------------------------------ reading
 
     def _check_local(self) -> None:
-        # Sta3: the DUL thread has not yet sent the A-ASSOCIATE-AC queued before the
-        # pump started; Sta6: established. Anything else: aborted or closing locally.
-        a = self.assoc
-        if a._kill or a.is_aborted or a.dul._kill_thread or \
-                a.dul.state_machine.current_state not in ("Sta3", "Sta6"):
+        # Killed, aborted, or the state machine left "A-ASSOCIATE-AC queued" /
+        # "established": closing locally.
+        if stopped_locally(self.assoc):
             raise _Stop()
 
     def _fill(self, pending: list[bytes]) -> None:
@@ -433,5 +432,5 @@ def handback(assoc: Any, flag: TakenFlag, hb: Handback,
     if data:
         unread(data)
     if not hb.idle:
-        assoc.dul._idle_timer.restart()  # the pump, not the DUL, saw the traffic
+        restart_idle_timer(assoc)  # the pump, not the DUL, saw the traffic
     flag.release()

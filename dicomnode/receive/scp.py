@@ -3,7 +3,7 @@
 Every C-STORE is written through :meth:`dicomnode.store.Store.ingest`, which
 returns only once the file is durable and its row committed; only then does
 the handler return success (0x0000). Failure statuses (all documented in the
-README, section *receiving*):
+docs/receiving.md):
 
 ========  ============================================================
 0xA700    free disk below ``storage.min_free_mb`` (checked before writing)
@@ -18,11 +18,9 @@ README, section *receiving*):
 
 from __future__ import annotations
 
-import copy
 import errno
 import logging
 import os
-import queue
 import select
 import socket
 import ssl
@@ -36,6 +34,14 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from dicomnode.codec.part10 import part10_header
+from dicomnode.compat.pynetdicom import (
+    copy_context,
+    queue_transport_closed,
+    register_server,
+    run_before_reactor,
+    socket_connected,
+    wait_for_messages,
+)
 from dicomnode.config import Settings
 from dicomnode.errors import StoreError
 from dicomnode.logs import kv
@@ -67,16 +73,11 @@ class _Contexts(list[Any]):
     with every storage SOP class x every transfer syntax (about 7,700 UIDs)
     that took ~0.1 s of CPU per association. Contexts hold only immutable UIDs
     and flags, so a shallow copy of each with its own transfer syntax list is
-    an equivalent, independent copy.
+    an equivalent, independent copy (:func:`~dicomnode.compat.pynetdicom.copy_context`).
     """
 
     def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
-        out = []
-        for cx in self:
-            c = copy.copy(cx)
-            c._transfer_syntax = list(cx._transfer_syntax)
-            out.append(c)
-        return out
+        return [copy_context(cx) for cx in self]
 
 
 class _Server(ThreadedAssociationServer):
@@ -87,7 +88,7 @@ class _Server(ThreadedAssociationServer):
 
 class _BalancingServer(_Server):
     """The node process's server with ``node.receivers`` > 1: each accepted
-    connection goes to the least busy receiving process (receive/balance.py)."""
+    connection goes to the least busy receiving process (dicomnode/node/receivers.py)."""
 
     balancer: Any = None
 
@@ -112,11 +113,11 @@ def _recv_exactly(assoc_sock: Any, nr_bytes: int) -> bytearray:
     """``AssociationSocket.recv`` with the same contract (``nr_bytes`` bytes, or
     fewer if the peer closed the connection; socket errors propagate), reading
     with ``recv_into`` in large chunks; bytes given back by the pump
-    (``_prefix``) come first."""
+    (``WaitingSocket.unread_buffer``) come first."""
     buf = bytearray(nr_bytes)
     view = memoryview(buf)
     got = 0
-    prefix = getattr(assoc_sock, "_prefix", None)
+    prefix = getattr(assoc_sock, "unread_buffer", None)
     if prefix:
         got = min(len(prefix), nr_bytes)
         view[:got] = prefix[:got]
@@ -137,7 +138,7 @@ def _recv_exactly(assoc_sock: Any, nr_bytes: int) -> bytearray:
 
 # How long the DUL thread waits in select() for the peer's next PDU before
 # looking at its queues again (outgoing primitives, timers, stop flag).
-_READY_WAIT_S = 0.004
+READY_WAIT_S = 0.004
 # How often the free disk space is asked of the file system (see _has_space).
 _SPACE_CHECK_S = 0.25
 # How long the DUL thread sleeps between looks at its queues while the pump
@@ -145,7 +146,7 @@ _SPACE_CHECK_S = 0.25
 _TAKEN_WAIT_S = 0.02
 
 
-class _WaitingSocket(AssociationSocket):
+class WaitingSocket(AssociationSocket):
     """An association socket whose ``ready`` waits briefly for data.
 
     pynetdicom's DUL thread polls ``ready`` (a zero-timeout select) and sleeps
@@ -155,22 +156,22 @@ class _WaitingSocket(AssociationSocket):
     machine. Waiting in select() wakes at once when data arrives and otherwise
     ~200 times a second; the DUL thread's other duties (primitives queued by
     the association thread, the ARTIM timer, stopping) wait at most
-    ``_READY_WAIT_S`` longer. Plain C-STORE responses bypass that queue
+    ``READY_WAIT_S`` longer. Plain C-STORE responses bypass that queue
     (:mod:`dicomnode.receive.fastrsp`).
     """
 
-    _flag: pump.TakenFlag | None = None
-    _prefix: bytearray | None = None  # read by the pump, handed back unserved
+    taken_flag: pump.TakenFlag | None = None  # set while the pump may own the socket
+    unread_buffer: bytearray | None = None  # read by the pump, handed back unserved
 
     def unread(self, data: bytes) -> None:
         """Make ``data`` the next bytes read from this socket."""
-        self._prefix = bytearray(data) + (self._prefix or b"")
+        self.unread_buffer = bytearray(data) + (self.unread_buffer or b"")
 
     @property
     def ready(self) -> bool:
-        if self._prefix:
+        if self.unread_buffer:
             return True
-        flag = self._flag
+        flag = self.taken_flag
         if flag is not None and flag.taken:
             # The pump reads this socket (dicomnode.receive.pump): wait until it
             # gives the association back, looking at the DUL's queues meanwhile.
@@ -178,37 +179,14 @@ class _WaitingSocket(AssociationSocket):
             if flag.taken:
                 return False
         sock = self.socket
-        if sock is None or self._is_connected is False or isinstance(sock, ssl.SSLSocket):
+        if sock is None or not socket_connected(self) or isinstance(sock, ssl.SSLSocket):
             return bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]
         try:
-            readable, _, _ = select.select([sock], [], [], _READY_WAIT_S)
+            readable, _, _ = select.select([sock], [], [], READY_WAIT_S)
         except (OSError, TimeoutError, ValueError):
-            self.event_queue.put("Evt17")  # transport connection closed, as pynetdicom does
+            queue_transport_closed(self)  # as pynetdicom does
             return False
         return bool(readable)
-
-
-def _wait_for_messages(dimse: Any) -> None:
-    """Let the association thread wait for the next DIMSE message instead of polling.
-
-    pynetdicom's acceptor loop sleeps 1 ms, then takes a message with
-    ``get_msg(block=False)``. Here the non-blocking take waits up to
-    ``_READY_WAIT_S`` on the queue: a message arriving is served at once, an
-    idle association wakes its thread ~200 instead of ~1,000 times a second.
-    Release, abort and timeout checks of the loop come at most that much later.
-    """
-    msg_queue = dimse.msg_queue
-    original = dimse.get_msg
-
-    def get_msg(block: bool = False) -> Any:
-        if block:
-            return original(block)
-        try:
-            return msg_queue.get(timeout=_READY_WAIT_S)
-        except queue.Empty:
-            return None, None
-
-    dimse.get_msg = get_msg
 
 
 class _AssocStats:
@@ -238,7 +216,7 @@ class StorageSCP:
         The store every instance is written through.
     balancer
         With ``node.receivers`` > 1, in the node process: the
-        :class:`~dicomnode.receive.balance.ReceiverPool` that takes accepted
+        :class:`~dicomnode.node.receivers.ReceiverPool` that takes accepted
         connections for the receiving processes.
     detached
         In a receiving process: do not listen; serve connections given to :meth:`adopt`.
@@ -309,7 +287,7 @@ class StorageSCP:
         thread = threading.Thread(target=server.serve_forever, name=f"scp-{n.port}",
                                   daemon=True)
         thread.start()
-        self.ae._servers.append(server)  # so that AE.shutdown() stops it too
+        register_server(self.ae, server)  # so that AE.shutdown() stops it too
         self.server = server
 
     def adopt(self, conn: socket.socket, address: tuple[str, int]) -> None:
@@ -352,16 +330,17 @@ class StorageSCP:
         # a CT slice); read straight into the PDU buffer instead.
         assoc_sock.recv = types.MethodType(_recv_exactly, assoc_sock)
         if type(assoc_sock) is AssociationSocket:
-            assoc_sock.__class__ = _WaitingSocket
+            assoc_sock.__class__ = WaitingSocket
         fastrsp.install(event.assoc.dimse)
-        _wait_for_messages(event.assoc.dimse)
-        if self.settings.node.fast_receive and type(assoc_sock) is _WaitingSocket:
+        # pynetdicom's association thread polls its message queue every 1 ms; wait on it.
+        wait_for_messages(event.assoc.dimse, READY_WAIT_S)
+        if self.settings.node.fast_receive and type(assoc_sock) is WaitingSocket:
             self._install_pump(event.assoc, assoc_sock)
 
-    def _install_pump(self, assoc: Any, assoc_sock: _WaitingSocket) -> None:
+    def _install_pump(self, assoc: Any, assoc_sock: WaitingSocket) -> None:
         """Serve the association's established phase with :class:`pump.Pump`."""
         flag = pump.TakenFlag()
-        assoc_sock._flag = flag
+        assoc_sock.taken_flag = flag
         acse = assoc.acse
         send_accept = acse.send_accept
 
@@ -372,9 +351,8 @@ class StorageSCP:
             send_accept()
 
         acse.send_accept = accept_and_take
-        run_reactor = assoc._run_reactor
 
-        def reactor() -> None:
+        def serve_established() -> None:
             raw = assoc_sock.socket
             if flag.taken and raw is not None:
                 try:
@@ -386,9 +364,9 @@ class StorageSCP:
                 if hb is not None:
                     pump.handback(assoc, flag, hb, assoc_sock.unread)
             flag.release()
-            run_reactor()
 
-        assoc._run_reactor = reactor
+        # pynetdicom's reactor then serves whatever the pump handed back, and the rest.
+        run_before_reactor(assoc, serve_established)
 
     def _on_requested(self, event: Any) -> None:
         # pynetdicom rejects by itself (require_called_aet / require_calling_aet);

@@ -167,7 +167,7 @@ def commit_temp(tmp: Path, path: Path, *, fsync: bool = True) -> None:
     Sharing the folder fsync between concurrent writers (group commit) was
     measured and dropped: on ext4 concurrent fsyncs already share journal
     commits, only ~10 % of folder fsyncs coalesced and the serialised rounds
-    made three writers ~8 % slower (README, section *benchmarks*).
+    made three writers ~8 % slower (docs/benchmarks.md).
     """
     try:
         if fsync:

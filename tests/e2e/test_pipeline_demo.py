@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pydicom
 
-from dicomnode.cli.demo import SAMPLE
+from dicomnode.cli.demo_sample import SAMPLE
 from tests.support.peers import dciodvfy
 
 REPO = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomnode.cli.demo import SAMPLE, write_sample_series
+from dicomnode.cli.demo_sample import SAMPLE, write_sample_series
 from dicomnode.store import Store
 from tests.support.infer_data import cranium_ct_series, load_colin27
 from tests.support.peers import Orthanc, dciodvfy, orthanc_running

@@ -23,8 +23,9 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_STORE
 
+from dicomnode.compat.pynetdicom import guard_reactor_race
 from dicomnode.config import DestinationConfig
-from dicomnode.dispatch import AssociationFailed, OutcomeState, guard_reactor_race, store_files
+from dicomnode.dispatch import AssociationFailed, OutcomeState, store_files
 from dicomnode.errors import DispatchError
 from tests.support.dispatch_peers import ScriptedSCP, storescp_running
 from tests.support.peers import Orthanc, free_port, orthanc_running

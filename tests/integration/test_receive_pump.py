@@ -28,6 +28,7 @@ from tests.support.raw_assoc import (
     fragments,
     message_id_of,
     p_data,
+    parse_command,
     pdv,
     status_of,
 )
@@ -140,7 +141,6 @@ def test_peer_with_tiny_max_pdu_gets_fragmented_responses(node: NodeProcess,
             if body[5] & 0x02:
                 break
         assert len(pdus) > 1
-        from tests.support.raw_assoc import parse_command
         assert status_of(parse_command(rsp)) == 0
         assert a.release() == 0x06
     assert _stored_bytes(node, uid) is not None

@@ -24,10 +24,9 @@ from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
-from pynetdicom import _config as pynetdicom_config
 
+from dicomnode.compat.pynetdicom import guard_reactor_race, set_store_send_chunked
 from dicomnode.config import Settings, load_settings
-from dicomnode.dispatch import guard_reactor_race
 from tests.support.peers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -190,8 +189,7 @@ def store_files(port: int, paths: Sequence[Path], *, called_aet: str = "DICOMNOD
     guard_reactor_race(assoc)
     out: list[tuple[Path, int | None]] = []
     # Send the encoded dataset exactly as in the file (no decode/re-encode).
-    chunked = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
-    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+    chunked = set_store_send_chunked(True)
     try:
         for i, p in enumerate(paths):
             if stop_after is not None and i >= stop_after:
@@ -205,7 +203,7 @@ def store_files(port: int, paths: Sequence[Path], *, called_aet: str = "DICOMNOD
             except Exception:  # noqa: BLE001 - a lost association mid-send
                 out.append((p, None))
     finally:
-        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = chunked
+        set_store_send_chunked(chunked)
         if assoc.is_established:
             assoc.release()
     return out

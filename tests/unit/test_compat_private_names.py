@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 import functools
 import importlib
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,11 +44,9 @@ COMPAT = PACKAGE / "compat"
 STDLIB_PRIVATE = frozenset({"_exit", "_getframe", "_replace", "_asdict", "_fields", "_make",
                             "_field_defaults", "_SubParsersAction"})
 
-#: Files whose pynetdicom internals are being moved into dicomnode/compat/pynetdicom.py
-#: by another part of issue 9; findings there are expected until that part is merged.
-#: The lead empties this set after the merge.
-PENDING_PYNETDICOM = frozenset({"receive/scp.py", "receive/pump.py", "receive/fastrsp.py",
-                                "dispatch/scu.py", "cli/send.py"})
+#: pynetdicom's state machine names (``"Sta6"``, ``"Evt17"``) are its internals too:
+#: string constants that spell one belong in dicomnode/compat/pynetdicom.py.
+FSM_NAME = re.compile(r"^(Sta|Evt)\d{1,2}$")
 
 _ATTR_FUNCS = frozenset({"getattr", "setattr", "hasattr", "delattr"})
 
@@ -290,6 +289,11 @@ def check_source(source: str, path: str = "<snippet>",
     checker = _Checker(path, own if defined is None else defined,
                        parameters if defined is None else set())
     checker.visit(tree)
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                and FSM_NAME.match(node.value)):
+            checker.findings.append(Finding(path, node.lineno,
+                                            f"pynetdicom state machine name {node.value!r}"))
     return sorted(set(checker.findings), key=lambda f: (f.line, f.what))
 
 
@@ -318,7 +322,7 @@ def check_package() -> list[Finding]:
 
 def test_no_private_library_names_outside_compat() -> None:
     findings = check_package()
-    outside = [str(f) for f in findings if f.path not in PENDING_PYNETDICOM]
+    outside = [str(f) for f in findings]
     assert not outside, ("private names of pynetdicom / highdicom / pydicom / SQLAlchemy "
                          "outside dicomnode/compat/ (wrap them there):\n" + "\n".join(outside))
 
@@ -340,6 +344,8 @@ def test_no_private_library_names_outside_compat() -> None:
     ("from sqlalchemy import select\nq = select(1)\nq._raw_columns\n", "q._raw_columns"),
     ("from pynetdicom.association import Association\nclass A(Association):\n"
      "    _run_reactor = None\n", "overrides private"),
+    ("def f(dul):\n    return dul.state_machine.current_state == 'Sta6'\n", "'Sta6'"),
+    ("def f(q):\n    q.put('Evt17')\n", "'Evt17'"),
 ])
 def test_checker_finds_private_uses(snippet: str, expected: str) -> None:
     findings = check_source(snippet)
@@ -359,9 +365,3 @@ def test_checker_finds_private_uses(snippet: str, expected: str) -> None:
 ])
 def test_checker_allows_own_and_stdlib_names(snippet: str) -> None:
     assert check_source(snippet, defined={"_x", "_SEL_OLD"}) == []
-
-
-def test_pending_files_exist() -> None:
-    """The files allowed to still hold findings are real files (the set is kept honest)."""
-    for rel in PENDING_PYNETDICOM:
-        assert (PACKAGE / rel).is_file(), rel

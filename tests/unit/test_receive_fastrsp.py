@@ -7,7 +7,7 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 
-from dicomnode.receive.fastrsp import _plain_store_rsp, encode_store_rsp, p_data_tf
+from dicomnode.receive.fastrsp import encode_store_rsp, p_data_tf, plain_store_rsp
 
 
 @pytest.mark.parametrize("status", [0x0000, 0xA700, 0xA900, 0xC210, 0xC2FF, 0xB000])
@@ -26,7 +26,7 @@ def test_same_bytes_as_pynetdicom(status: int, cls: str, inst: str) -> None:
     (pdata,) = list(msg.encode_msg(1, 16382))
     ((ctx, pdv),) = pdata.presentation_data_value_list
     assert ctx == 1 and pdv[:1] == b"\x03"
-    assert _plain_store_rsp(rsp) == (cls, inst, 7, status)
+    assert plain_store_rsp(rsp) == (cls, inst, 7, status)
     assert encode_store_rsp(cls, inst, 7, status) == pdv[1:]
     pdu = P_DATA_TF()
     pdu.from_primitive(pdata)
@@ -40,4 +40,4 @@ def test_error_details_take_pynetdicom_path() -> None:
     rsp.AffectedSOPInstanceUID = "1.2.4"
     rsp.Status = 0xC210
     rsp.ErrorComment = "bad"
-    assert _plain_store_rsp(rsp) is None
+    assert plain_store_rsp(rsp) is None

@@ -1,7 +1,9 @@
-"""The receiving association threads wait for data instead of polling (receive/scp.py)."""
+"""The receiving association threads wait for data instead of polling (receive/scp.py,
+compat/pynetdicom.py wait_for_messages)."""
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
 import time
@@ -9,6 +11,7 @@ from typing import Any
 
 from pynetdicom.transport import AssociationSocket
 
+from dicomnode.compat.pynetdicom import wait_for_messages
 from dicomnode.receive import scp
 
 
@@ -18,7 +21,6 @@ class _FakeAssoc:
     def __init__(self) -> None:
         class _Dul:
             def __init__(self) -> None:
-                import queue
                 self.event_queue: queue.Queue[str] = queue.Queue()
 
         self.dul = _Dul()
@@ -26,7 +28,7 @@ class _FakeAssoc:
 
 def _waiting_socket(sock: socket.socket) -> Any:
     s = AssociationSocket(_FakeAssoc(), client_socket=sock)  # type: ignore[arg-type]
-    s.__class__ = scp._WaitingSocket
+    s.__class__ = scp.WaitingSocket
     return s
 
 
@@ -60,8 +62,6 @@ def test_ready_reports_a_closed_connection_as_pynetdicom_does() -> None:
 
 
 def test_non_blocking_get_waits_briefly_and_returns_a_message_at_once() -> None:
-    import queue
-
     class _Dimse:
         def __init__(self) -> None:
             self.msg_queue: queue.Queue[tuple[int, str]] = queue.Queue()
@@ -70,7 +70,7 @@ def test_non_blocking_get_waits_briefly_and_returns_a_message_at_once() -> None:
             return self.msg_queue.get(block=block)
 
     d = _Dimse()
-    scp._wait_for_messages(d)
+    wait_for_messages(d, scp.READY_WAIT_S)
     assert d.get_msg(block=False) == (None, None)  # nothing queued: empty after the wait
     d.msg_queue.put((1, "C-STORE-RQ"))
     assert d.get_msg(block=False) == (1, "C-STORE-RQ")
