@@ -52,7 +52,7 @@ lint: setup
 	$(VENV)/bin/ruff check dicomnode tests benchmarks
 	$(VENV)/bin/mypy dicomnode
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_compat.py
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_compat.py tests/unit/test_compat_private_names.py
 
 # docs/configuration.md is generated from the settings model (a test fails when it is stale).
 docs: setup

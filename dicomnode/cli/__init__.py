@@ -13,26 +13,16 @@ before and after any (sub)command: ``dicomnode serve --config node.yaml`` is
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from dicomnode import __version__
+from dicomnode.cli import db, demo, jobs, models, routes, send, serve, studies, worker_cmd
 from dicomnode.errors import DicomNodeError
 
 # Order is the order in --help.
-COMMAND_MODULES = (
-    "serve",
-    "worker_cmd",
-    "send",
-    "studies",
-    "db",
-    "models",
-    "jobs",
-    "routes",
-    "demo",
-)
+COMMAND_MODULES = (serve, worker_cmd, send, studies, db, models, jobs, routes, demo)
 
 
 def add_global_options(parser: argparse.ArgumentParser, *, suppress: bool = False) -> None:
@@ -76,8 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dicomnode {__version__}")
     add_global_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
-    for name in COMMAND_MODULES:
-        module = importlib.import_module(f"dicomnode.cli.{name}")
+    for module in COMMAND_MODULES:
         module.register(sub)
     return parser
 
