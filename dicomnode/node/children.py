@@ -15,6 +15,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from dicomnode.config import Settings
 from dicomnode.dispatch.dispatcher import Dispatcher
@@ -113,6 +115,20 @@ def _warm_up_and_freeze(pipeline: Pipeline) -> None:
     freeze_heap()
 
 
+@contextmanager
+def _child(settings: Settings, wake: WakeUp | None) -> Iterator[tuple[threading.Event, Store]]:
+    """What every spawned child does first: logging, signals (SIGTERM sets the stop
+    event and ``wake``), its own store; the store is closed when the child ends."""
+    setup_logging(settings.logging.level, settings.logging.json, settings.logging.file)
+    stop = threading.Event()
+    child_signals(stop, wake)
+    store = Store.open(settings)
+    try:
+        yield stop, store
+    finally:
+        store.close()
+
+
 def worker_main(settings: Settings, index: int, wake: WakeUp | None = None,
                 jobs: WakeUp | None = None) -> None:
     """Entry point of a worker process.
@@ -121,11 +137,7 @@ def worker_main(settings: Settings, index: int, wake: WakeUp | None = None,
     queued deliveries so that the dispatcher sends them now instead of at its
     next poll. ``jobs``: set by the node when a series completed (a job is due).
     """
-    setup_logging(settings.logging.level, settings.logging.json, settings.logging.file)
-    stop = threading.Event()
-    child_signals(stop, jobs)
-    store = Store.open(settings)
-    try:
+    with _child(settings, jobs) as (stop, store):
         worker = Worker(settings, store, worker_id=worker_identity("worker", index))
         worker.pipeline.on_timeout = lambda: os._exit(3)
         if wake is not None:
@@ -136,23 +148,15 @@ def worker_main(settings: Settings, index: int, wake: WakeUp | None = None,
         log.info("worker process ready", extra=kv(worker=worker.worker_id,
                                                   models=",".join(worker.pipeline.registry.names())))
         worker.run(stop, wake=jobs)
-    finally:
-        store.close()
 
 
 def dispatcher_main(settings: Settings, index: int, wake: WakeUp | None = None) -> None:
     """Entry point of the dispatcher process (``wake``: see :func:`worker_main`)."""
-    setup_logging(settings.logging.level, settings.logging.json, settings.logging.file)
-    stop = threading.Event()
-    child_signals(stop, wake)
-    store = Store.open(settings)
-    try:
+    with _child(settings, wake) as (stop, store):
         d = Dispatcher(settings, store, worker_id=worker_identity("dispatcher", index))
         log.info("dispatcher process ready", extra=kv(
             worker=d.worker_id, destinations=",".join(x.name for x in settings.destinations)))
         d.run(stop, wake=wake)
-    finally:
-        store.close()
 
 
 __all__ = ["WakeUp", "child_signals", "die_with_parent", "dispatcher_main", "parent_logging",

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, select, update
 
@@ -182,15 +183,21 @@ def quiet_versions(conn: Connection, cutoff: datetime) -> list[int]:
         .order_by(versions.c.last_received_at)).scalars())
 
 
-def enqueue_version(conn: Connection, *, series_uid: str, version: int | None, priority: int,
-                    now: datetime) -> Job:
-    """Complete a series version (default: newest) by command and create (or return) its job."""
+def _series_and_version(conn: Connection, series_uid: str, version: int | None) -> tuple[Any, int]:
+    """The series row (id, current version, study UID) and the version meant
+    (default: the newest); StoreError when the series is unknown."""
     se = conn.execute(select(series.c.id, series.c.current_version, studies.c.study_uid)
                       .join(studies, studies.c.id == series.c.study_id)
                       .where(series.c.series_uid == series_uid)).first()
     if se is None:
         raise StoreError(f"series {series_uid}: not in the store")
-    v = se.current_version if version is None else version
+    return se, se.current_version if version is None else version
+
+
+def enqueue_version(conn: Connection, *, series_uid: str, version: int | None, priority: int,
+                    now: datetime) -> Job:
+    """Complete a series version (default: newest) by command and create (or return) its job."""
+    se, v = _series_and_version(conn, series_uid, version)
     vid = conn.execute(select(versions.c.id).where(
         versions.c.series_id == se.id, versions.c.version == v)).scalar()
     if vid is None:
@@ -235,12 +242,7 @@ def instance_refs(conn: Connection, series_uid: str, version: int | None,
                   root: Path) -> list[InstanceRef]:
     """Instances of a series version (default: newest) whose file is present, ordered by
     Instance Number (versions are cumulative: a version holds every earlier instance)."""
-    se = conn.execute(select(series.c.id, series.c.current_version, studies.c.study_uid)
-                      .join(studies, studies.c.id == series.c.study_id)
-                      .where(series.c.series_uid == series_uid)).first()
-    if se is None:
-        raise StoreError(f"series {series_uid}: not in the store")
-    v = se.current_version if version is None else version
+    se, v = _series_and_version(conn, series_uid, version)
     rows = conn.execute(select(instances).where(
         instances.c.series_id == se.id, instances.c.version <= v,
         instances.c.file_missing.is_(False)))
