@@ -10,7 +10,7 @@ The outbox is drained by :class:`dicomnode.dispatch.dispatcher.Dispatcher`.
 
 Processes
 ---------
-``dicomnode serve`` starts :func:`dicomnode.node.node.worker_services`:
+``dicomnode serve`` starts :func:`dicomnode.node.workers.worker_services`:
 ``worker.processes`` worker processes and one dispatcher process, so inference
 never runs in the SCP's process; ``dicomnode worker`` runs the same services
 alone against the same database. Any number of workers and dispatchers may

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     # Here, not at the top: the runtime costs ~0.9 s to import (see cli/serve.py).
-    from dicomnode.node.node import run_workers
+    from dicomnode.node.workers import run_workers
 
     settings = settings_from_args(args)
     n = args.processes if args.processes is not None else max(1, settings.worker.processes)

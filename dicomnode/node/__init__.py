@@ -1,8 +1,10 @@
 """The node: composition root and process runtime, nothing else.
 
 * :mod:`dicomnode.node.node` -- :class:`Node` / :func:`run_node` (``dicomnode serve``:
-  open + migrate the store, reconcile, start receiving and the services, stop) and
-  :func:`run_workers` (``dicomnode worker``); the completeness tracker.
+  open + migrate the store, reconcile, start receiving and the services, stop); the
+  completeness tracker.
+* :mod:`dicomnode.node.workers` -- the worker and dispatcher processes as services,
+  and :func:`run_workers` (``dicomnode worker``); imported only when workers run.
 * :mod:`dicomnode.node.supervisor` -- the ONE spawn / restart-with-backoff / stop
   policy for every child process, the release of a dead child's work per child kind,
   the heap freeze and the signal runner.
