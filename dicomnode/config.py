@@ -315,6 +315,33 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The audit trail: security-relevant events, append-only and hash-chained
+    (``dicomnode audit``; docs/operations.md)."""
+
+    enabled: bool = True
+    """Record application start/stop, configuration loaded, associations accepted and
+    rejected, instances received and sent per study, and operators' actions."""
+    path: Path | None = None
+    """The trail: one JSON record per line, each chained to the one before by SHA-256.
+    Every process of the node (and the CLI) appends to this one file. Default:
+    ``audit.jsonl`` in the folder that holds ``storage.path`` (``./var/audit.jsonl``)."""
+    fsync: bool = True
+    """Flush each record to disk before going on."""
+    syslog_host: str = ""
+    """Also send each record as an RFC 5424 syslog message to this host (empty: no)."""
+    syslog_port: int = 514
+    """Port of the syslog collector. Allowed: 1-65535."""
+    syslog_protocol: Literal["udp", "tcp"] = "udp"
+    """Transport to the syslog collector."""
+
+    def validate(self) -> None:
+        if not 0 < self.syslog_port < 65536:
+            raise ConfigError(f"audit.syslog_port: {self.syslog_port} is not a TCP/UDP port "
+                              "(1-65535)")
+
+
+@dataclass(frozen=True)
 class Settings:
     """Every setting of the node: one section per field, lists for peers and rules."""
 
@@ -332,6 +359,8 @@ class Settings:
     """The worker processes and the dispatcher."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """What the node logs, and where."""
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    """The audit trail: security-relevant events, append-only and hash-chained."""
     destinations: tuple[DestinationConfig, ...] = ()
     """PACS to send results (and forwarded instances) to."""
     # Routing rules stay raw here; dicomnode.routing validates them against

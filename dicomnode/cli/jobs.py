@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
+from dicomnode.audit import user_action
 from dicomnode.cli.common import settings_from_args
 from dicomnode.domain import Delivery, DeliveryState, Job, JobState
 
@@ -178,6 +179,8 @@ def _jobs_retry(args: argparse.Namespace) -> int:
             return 0
         for i in dict.fromkeys(ids):
             j = store.retry_job(i)
+            user_action(settings, "job-retry", job_id=j.id, study_uid=j.study_uid,
+                        series_uid=j.series_uid)
             print(f"job {j.id}: {j.state.value} (queued again)")
     return 0
 
@@ -189,6 +192,8 @@ def _jobs_cancel(args: argparse.Namespace) -> int:
     with Store.open(settings) as store:
         for i in dict.fromkeys(args.job_ids):
             j = store.cancel_job(i)
+            user_action(settings, "job-cancel", job_id=j.id, study_uid=j.study_uid,
+                        series_uid=j.series_uid)
             print(f"job {j.id}: {j.state.value}")
     return 0
 
@@ -232,5 +237,7 @@ def _deliveries_retry(args: argparse.Namespace) -> int:
             return 0
         for i in dict.fromkeys(ids):
             d = store.retry_delivery(i)
+            user_action(settings, "delivery-retry", delivery_id=d.id, job_id=d.job_id,
+                        destination=d.destination)
             print(f"delivery {d.id}: {d.state.value} (queued again, deadline {_ts(d.deadline)})")
     return 0

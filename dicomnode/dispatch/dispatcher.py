@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from dicomnode.audit import AuditEvent, AuditLog
 from dicomnode.config import DestinationConfig, NotificationConfig, Settings
 from dicomnode.dispatch.notify import ResultSummary, notify
 from dicomnode.dispatch.scu import AssociationFailed, FileOutcome, OutcomeState, store_files
@@ -58,6 +59,7 @@ class Dispatcher:
         self.batch = batch
         self.lease_seconds = lease_seconds
         self._orphans_checked = 0.0
+        self.audit = AuditLog.from_settings(settings, role="dispatcher")
 
     def poll_once(self) -> list[DispatchReport]:
         """Send every due delivery once (batch by batch); the reports of this round."""
@@ -108,7 +110,28 @@ class Dispatcher:
                          error=o.message or f"status {o.status_hex}", transient=o.transient,
                          sop_instance_uid=d.sop_instance_uid, peer_status=o.status_hex)
         self._summary(rep, "dispatched", t0, associations=rep.associations)
+        self._audit_sent(dest, claimed, outcomes)
         return rep
+
+    def _audit_sent(self, dest: DestinationConfig, claimed: Sequence[Delivery],
+                    outcomes: Sequence[FileOutcome]) -> None:
+        """One audit record per study: instances sent to ``dest`` (and those not sent)."""
+        if not self.audit.enabled:
+            return
+        per: dict[int, list[int]] = {}  # job id -> [sent, not sent]
+        for d, o in zip(claimed, outcomes, strict=True):
+            per.setdefault(d.job_id, [0, 0])[0 if o.ok else 1] += 1
+        peer = {"destination": dest.name, "called_aet": dest.ae_title,
+                "peer": f"{dest.host}:{dest.port}"}
+        for job_id, (sent, not_sent) in per.items():
+            try:
+                job = self.store.get_job(job_id)
+            except StoreError:
+                continue
+            self.audit.safe_record(
+                AuditEvent.INSTANCES_SENT, "success" if not not_sent else "minor-failure",
+                study_uid=job.study_uid, series_uid=job.series_uid, job_id=job_id,
+                instances=sent, not_sent=not_sent, **peer)
 
     def notify(self, target: NotificationConfig, claimed: Sequence[Delivery]) -> DispatchReport:
         """Send each claimed notification (webhook POST or HL7 ORU^R01) and record it.

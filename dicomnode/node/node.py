@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
+from dicomnode.audit import AuditEvent, AuditLog, config_identity
 from dicomnode.config import Settings
 from dicomnode.logs import kv
 from dicomnode.node.receivers import ReceiverPool
@@ -99,9 +100,11 @@ class Node:
         self.scp: StorageSCP | None = None
         self.receivers: ReceiverPool | None = None
         self.services: list[Service] = []
+        self.audit = AuditLog.from_settings(settings, role="node")
 
     def start(self) -> None:
         s = self.settings
+        self.audit.record(AuditEvent.CONFIGURATION_LOADED, **config_identity(s))
         log.info("applying database migrations", extra=kv(
             url=s.database.url.split("@")[-1]))
         self.store = Store.open(s, migrate=True)
@@ -126,6 +129,9 @@ class Node:
                 tracker.on_jobs.append(job_due)
                 if self.scp is not None:
                     self.scp.on_job = job_due
+        self.audit.record(AuditEvent.APPLICATION_START, ae_title=s.node.ae_title,
+                          listen=f"{s.node.host}:{s.node.port}", receivers=s.node.receivers,
+                          services=[svc.name for svc in self.services])
         freeze_heap()
         log.info("node ready", extra=kv(
             ae_title=s.node.ae_title, host=s.node.host, port=s.node.port,
@@ -158,6 +164,7 @@ class Node:
             self.receivers.stop(grace_seconds)
         if self.store is not None:
             self.store.close()
+        self.audit.safe_record(AuditEvent.APPLICATION_STOP)
         log.info("node stopped")
 
 

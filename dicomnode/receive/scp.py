@@ -33,6 +33,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
+from dicomnode.audit import AuditEvent, AuditLog
 from dicomnode.codec.part10 import part10_header
 from dicomnode.compat.pynetdicom import (
     copy_context,
@@ -190,13 +191,14 @@ class WaitingSocket(AssociationSocket):
 
 
 class _AssocStats:
-    __slots__ = ("stored", "failed", "bytes", "started")
+    __slots__ = ("stored", "failed", "bytes", "started", "studies")
 
     def __init__(self) -> None:
         self.stored = 0
         self.failed = 0
         self.bytes = 0
         self.started = time.monotonic()
+        self.studies: dict[str, list[int]] = {}  # Study Instance UID -> [instances, bytes]
 
 
 def _assoc_fields(assoc: Any) -> dict[str, Any]:
@@ -239,6 +241,7 @@ class StorageSCP:
         self._space_free = 0.0
         # Called when an instance completed its series by count (a job is due).
         self.on_job: Any = None
+        self.audit = AuditLog.from_settings(settings, role="scp")
 
     def _build_ae(self) -> AE:
         n = self.settings.node
@@ -381,8 +384,12 @@ class StorageSCP:
         if called != n.ae_title:
             log.warning("rejecting association: called AE title is not ours",
                         extra=kv(**fields, expected=n.ae_title))
+            self.audit.safe_record(AuditEvent.ASSOCIATION_REJECTED, "minor-failure",
+                                   reason="called AE title is not ours", **fields)
         elif n.allowed_calling_aets and calling not in n.allowed_calling_aets:
             log.warning("rejecting association: calling AE title not allowed", extra=kv(**fields))
+            self.audit.safe_record(AuditEvent.ASSOCIATION_REJECTED, "minor-failure",
+                                   reason="calling AE title not allowed", **fields)
         else:
             log.debug("association requested", extra=kv(**fields))
 
@@ -392,6 +399,8 @@ class StorageSCP:
         # pid: which receiving process serves it (node.receivers > 1)
         log.info("association accepted", extra=kv(**_assoc_fields(event.assoc),
                                                    pid=os.getpid()))
+        self.audit.safe_record(AuditEvent.ASSOCIATION_ACCEPTED, **_assoc_fields(event.assoc),
+                               called_aet=self.settings.node.ae_title)
 
     def _on_closed(self, event: Any) -> None:
         with self._lock:
@@ -402,16 +411,30 @@ class StorageSCP:
         log.info(f"association {how}", extra=kv(
             **_assoc_fields(event.assoc), stored=st.stored, failed=st.failed,
             mb=round(st.bytes / 1e6, 2), seconds=round(time.monotonic() - st.started, 3)))
+        if st.studies or st.failed:
+            fields = _assoc_fields(event.assoc)
+            for study_uid, (count, nbytes) in st.studies.items():
+                self.audit.safe_record(AuditEvent.INSTANCES_RECEIVED, study_uid=study_uid,
+                                       instances=count, bytes=nbytes, **fields)
+            if st.failed:
+                self.audit.safe_record(AuditEvent.INSTANCES_RECEIVED, "minor-failure",
+                                       refused=st.failed, association_end=how, **fields)
 
     def _on_echo(self, event: Any) -> int:
         return SUCCESS
 
-    def _count(self, assoc: Any, ok: bool, size: int = 0) -> None:
+    def _count(self, assoc: Any, ok: bool, size: int = 0, study_uid: str = "") -> None:
         st = self._stats.get(id(assoc))
         if st is not None:
             if ok:
                 st.stored += 1
                 st.bytes += size
+                per = st.studies.get(study_uid)
+                if per is None:
+                    st.studies[study_uid] = [1, size]
+                else:
+                    per[0] += 1
+                    per[1] += size
             else:
                 st.failed += 1
 
@@ -511,7 +534,7 @@ class StorageSCP:
         except StoreError as exc:
             return self._fail(assoc, STORE_FAILED, "cannot record instance", error=str(exc),
                               sop_instance_uid=meta.sop_instance_uid)
-        self._count(assoc, True, len(body))
+        self._count(assoc, True, len(body), meta.study_uid)
         if result.job is not None and self.on_job is not None:
             self.on_job()
         if log.isEnabledFor(logging.DEBUG):

@@ -111,7 +111,8 @@ def test_docs_name_only_settings_that_exist() -> None:
     for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
         for m in pattern.finditer(page.read_text(encoding="utf-8")):
             section, key, star = m.groups()
-            if key in ("py", "yaml", "md", "json"):  # a file name: `worker.py`, `node.yaml`
+            # a file name: `worker.py`, `node.yaml`, `audit.jsonl`
+            if key in ("py", "yaml", "md", "json", "jsonl"):
                 continue
             known = sections[section]
             if not (any(k.startswith(key) for k in known) if star else key in known):
