@@ -7,11 +7,13 @@
   its plane positions (``Segmentation.get_volume``), which must fall exactly on
   the series voxels (same Frame of Reference, axes along the series axes, same
   spacing). Nothing is assumed from frame order.
-* **NIfTI label maps** (nibabel): ``<SeriesInstanceUID>.nii[.gz]`` or
-  ``<series folder name>.nii[.gz]``, or ``labels.nii.gz`` in a folder of that
-  name (what ``dicomnode models run --out`` writes). Voxel value ``v`` is
-  label ``v``; the image must lie on the series grid (any axis order or flip,
-  checked with the affines; no resampling).
+* **NIfTI** (nibabel), named after the series (its SeriesInstanceUID or its
+  folder name): a label map ``<name>.nii[.gz]`` (voxel value ``v`` is label
+  ``v``), or a folder ``<name>/`` of one mask per label,
+  ``mask-<value>-<anything>.nii[.gz]`` (overlapping labels, as
+  ``dicomnode models run --out`` writes them), else its ``labels.nii.gz``.
+  Images must lie on the series grid (any axis order or flip, checked with the
+  affines; no resampling).
 * **CSV** for classifiers: a header with ``series``, ``class``, ``label``;
   ``series`` is a SeriesInstanceUID or a series folder name, ``class`` a class
   name or index of the model, ``label`` 1/0 (also yes/no, true/false,
@@ -21,6 +23,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,8 +179,8 @@ def read_seg(path: Path, volume: Volume) -> SegReference:
 # --------------------------------------------------------------------------- NIfTI
 
 
-def read_nifti(path: Path, volume: Volume) -> SegReference:
-    """A NIfTI label map on ``volume``'s grid: one segment per label value present."""
+def _nifti_on_grid(path: Path, volume: Volume) -> np.ndarray:
+    """A NIfTI image of whole non-negative numbers placed on ``volume``'s grid."""
     try:
         img: Any = nib.load(str(path))  # a Nifti1Image / Nifti2Image
         data = np.asanyarray(img.dataobj)
@@ -192,10 +195,35 @@ def read_nifti(path: Path, volume: Volume) -> SegReference:
         raise EvaluationError(f"{path}: voxel values are not whole label numbers")
     if values.min() < 0:
         raise EvaluationError(f"{path}: negative label values")
-    grid = onto_grid(values, _LPS_FROM_RAS @ img.affine, volume.shape, volume.affine, path.name)
+    return onto_grid(values, _LPS_FROM_RAS @ img.affine, volume.shape, volume.affine, path.name)
+
+
+def read_nifti(path: Path, volume: Volume) -> SegReference:
+    """A NIfTI label map on ``volume``'s grid: one segment per label value present."""
+    grid = _nifti_on_grid(path, volume)
     present = [int(v) for v in np.unique(grid) if v > 0]
     segments = tuple(ReferenceSegment(v, f"label {v}", None, grid == v) for v in present)
     return SegReference(path, "nifti", "NIfTI affine", segments)
+
+
+_MASK_FILE = re.compile(r"^mask-(\d+)(-.*)?\.nii(\.gz)?$")
+
+
+def read_mask_folder(folder: Path, volume: Volume) -> SegReference:
+    """A folder of ``mask-<value>-*.nii[.gz]`` files: one segment per file (masks may overlap)."""
+    segments = []
+    for p in sorted(folder.iterdir()):
+        m = _MASK_FILE.match(p.name)
+        if m is None:
+            continue
+        grid = _nifti_on_grid(p, volume)
+        if grid.max(initial=0) > 1:
+            raise EvaluationError(f"{p}: a mask file must hold 0 / 1 only")
+        segments.append(ReferenceSegment(int(m.group(1)), (m.group(2) or "").lstrip("-")
+                                         or f"label {m.group(1)}", None, grid > 0))
+    if not segments:
+        raise EvaluationError(f"{folder}: no mask-<value>-*.nii.gz files")
+    return SegReference(folder, "nifti", "NIfTI affine", tuple(segments))
 
 
 # --------------------------------------------------------------------------- the folder
@@ -219,12 +247,16 @@ class ReferenceFolder:
         self.segs: dict[str, list[Path]] = {}
         self.niftis: dict[str, Path] = {}
         self.ignored: list[Path] = []
+        labelmaps: dict[str, Path] = {}
         for p in sorted(x for x in root.rglob("*") if x.is_file()):
             key = _nifti_key(p)
             if key is not None:
-                if key == "labels" and p.parent != root:  # models run --out folder
-                    key = p.parent.name
-                self.niftis.setdefault(key, p)
+                if p.parent != root and _MASK_FILE.match(p.name):
+                    self.niftis[p.parent.name] = p.parent  # a folder of masks: preferred
+                elif key == "labels" and p.parent != root:  # a models run --out folder
+                    labelmaps.setdefault(p.parent.name, p)
+                else:
+                    labelmaps.setdefault(key, p)
                 continue
             try:
                 ds = pydicom.dcmread(p, stop_before_pixels=True,
@@ -239,6 +271,8 @@ class ReferenceFolder:
                 uid = str(item.get("SeriesInstanceUID", ""))
                 if uid:
                     self.segs.setdefault(uid, []).append(p)
+        for key, p in labelmaps.items():
+            self.niftis.setdefault(key, p)
 
     def find(self, series_uid: str, folder: Path) -> Path | None:
         """The reference of one series, or None; two SEGs for one series is an error."""
@@ -251,6 +285,8 @@ class ReferenceFolder:
         return self.niftis.get(series_uid) or self.niftis.get(folder.name)
 
     def load(self, path: Path, volume: Volume) -> SegReference:
+        if path.is_dir():
+            return read_mask_folder(path, volume)
         if _nifti_key(path) is not None:
             return read_nifti(path, volume)
         return read_seg(path, volume)
