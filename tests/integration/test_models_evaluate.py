@@ -409,6 +409,6 @@ def test_deepbet_colin27_reproduces_dice_0936(colin27_mr, tmp_path: Path,  # typ
     m = lab["metrics"]
     assert round(m["dice"], 3) == 0.936, m
     assert m["reference_voxels"] == int(mask.sum())
-    # measured: HD95 10.8 mm, mean surface distance 2.2 mm (ch2bet cuts closer at the base)
+    # measured: HD95 10.8 mm, mean surface distance 3.1 mm (ch2bet cuts closer at the base)
     assert 0 < m["mean_surface_distance_mm"] < m["hd95_mm"] < 15
     print(json.dumps(m, indent=1))
