@@ -34,7 +34,7 @@ def roc_plot(report: dict[str, Any], path: Path) -> Path | None:
     classes = [c for c in report["summary"].get("classes", []) if c["roc"]]
     if not classes:
         return None
-    fig = Figure(figsize=(5.5, 5))
+    fig = Figure(figsize=(5.5, 5), layout="constrained")
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="chance")
     for c in classes:
@@ -67,7 +67,7 @@ def dice_plot(report: dict[str, Any], path: Path) -> Path | None:
     rows = _label_rows(report)
     if not rows:
         return None
-    fig = Figure(figsize=(max(4.0, 1.4 * len(rows) + 2), 4.5))
+    fig = Figure(figsize=(max(4.0, 1.4 * len(rows) + 2), 4.5), layout="constrained")
     ax = fig.add_subplot()
     rng = np.random.default_rng(0)  # fixed jitter: the same report gives the same picture
     for i, ms in enumerate(rows.values()):
@@ -83,29 +83,31 @@ def dice_plot(report: dict[str, Any], path: Path) -> Path | None:
 
 
 def bland_altman_plot(report: dict[str, Any], path: Path) -> Path | None:
+    """One panel per label (their volumes differ by orders of magnitude)."""
     rows = _label_rows(report)
     if not rows:
         return None
-    fig = Figure(figsize=(6, 4.5))
-    ax = fig.add_subplot()
-    for name, ms in rows.items():
+    n = len(rows)
+    fig = Figure(figsize=(4.6 * n, 4.2), layout="constrained")
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for ax, (name, ms) in zip(axes, rows.items(), strict=True):
         a = np.array([m["volume_ml"] for m in ms])
         b = np.array([m["reference_volume_ml"] for m in ms])
         mean, diff = (a + b) / 2, a - b
-        pts = ax.scatter(mean, diff, s=22, alpha=0.8, label=name, zorder=3)
-        color = pts.get_facecolor()[0]
+        ax.scatter(mean, diff, s=22, alpha=0.8, zorder=3)
         bias = float(diff.mean())
-        ax.axhline(bias, color=color, lw=1.5)
+        ax.axhline(bias, color="C3", lw=1.5, label=f"bias {bias:.2f} mL")
         if diff.size > 1:
             sd = float(diff.std(ddof=1))
-            for lim in (bias - 1.96 * sd, bias + 1.96 * sd):
-                ax.axhline(lim, color=color, lw=1, ls="--")
-    ax.axhline(0, color="0.6", lw=0.8)
-    ax.set(xlabel="mean of model and reference volume (mL)",
-           ylabel="model - reference (mL)",
-           title=_title(report, "Bland-Altman of volumes (bias, 95 % limits)"))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+            lo, hi = bias - 1.96 * sd, bias + 1.96 * sd
+            ax.axhline(lo, color="C3", lw=1, ls="--", label=f"95 % limits {lo:.2f} .. {hi:.2f}")
+            ax.axhline(hi, color="C3", lw=1, ls="--")
+        ax.axhline(0, color="0.6", lw=0.8)
+        ax.set(xlabel="mean of model and reference (mL)", ylabel="model - reference (mL)",
+               title=f"{name} (n={len(ms)})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(_title(report, "Bland-Altman of volumes"))
     return _save(fig, path)
 
 

@@ -94,6 +94,23 @@ def test_own_seg_is_perfect_agreement(ct, tmp_path: Path,  # type: ignore[no-unt
         _png(Path(p))
 
 
+def test_enhanced_multiframe_series(tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """One enhanced CT instance: SEG frames placed through the referenced source frames."""
+    series = cranium_ct_series(enhanced=True, k_range=(40, 52))
+    reg = ModelRegistry(SHIPPED_MODELS_DIR, enabled=["ct-tissue"], threads=1)
+    result = reg.run("ct-tissue", load_volume(series.directory))
+    ref, expected = _perturbed(result)
+    _write_seg(ref, tmp_path / "ref" / "seg.dcm")
+    rc, _, _ = _evaluate(capsys, "ct-tissue", "--series", str(series.directory),
+                         "--reference", str(tmp_path / "ref"), "--out", str(tmp_path / "o"))
+    case = _report(tmp_path / "o")["cases"][0]
+    assert rc == 0, case
+    assert case["placed_by"] == "referenced source SOP instances"
+    for lab in case["labels"]:
+        assert lab["metrics"]["dice"] == pytest.approx(expected[lab["name"]], abs=1e-12)
+
+
 def _perturbed(result: InferenceResult) -> tuple[InferenceResult, dict[str, float]]:
     """Bone minus its voxels on slices 5 and 6, Body plus one 6-voxel-wide band of rows."""
     seg = result.segmentation
