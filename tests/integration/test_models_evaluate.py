@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import fcntl
 import json
+import os
+import pty
 import shutil
+import struct
 import subprocess
+import sys
+import termios
 from pathlib import Path
 
 import nibabel as nib
@@ -109,6 +115,35 @@ def test_enhanced_multiframe_series(tmp_path: Path,
     assert case["placed_by"] == "referenced source SOP instances"
     for lab in case["labels"]:
         assert lab["metrics"]["dice"] == pytest.approx(expected[lab["name"]], abs=1e-12)
+
+
+def test_progress_bar_on_a_terminal_only(ct, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The command in a real pseudo-terminal draws a progress bar; piped, it does not."""
+    series, _, seg = ct
+    cmd = [sys.executable, "-m", "dicomnode", "models", "evaluate", "ct-tissue", "--series",
+           str(series.directory), "--reference", str(seg.parent), "--log-level", "WARNING"]
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.run([*cmd, "--out", str(tmp_path / "tty")], stdout=subprocess.DEVNULL,
+                          stderr=slave, timeout=300)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the terminal's other end is closed and drained
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    tty_err = b"".join(chunks).decode("utf-8", "replace")
+    assert proc.returncode == 0
+    assert "evaluate ct-tissue: 100%" in tty_err and "1/1" in tty_err, tty_err
+    piped = subprocess.run([*cmd, "--out", str(tmp_path / "pipe")], capture_output=True,
+                           text=True, timeout=300)
+    assert piped.returncode == 0 and "%|" not in piped.stderr, piped.stderr
+    assert "Dice" in piped.stdout and "Traceback" not in piped.stderr
 
 
 def _perturbed(result: InferenceResult) -> tuple[InferenceResult, dict[str, float]]:
