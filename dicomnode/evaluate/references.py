@@ -352,7 +352,8 @@ def read_class_csv(path: Path, classes: Iterable[ClassSpec]) -> list[ClassLabel]
                               f"(missing: {', '.join(missing)})")
     rows: list[ClassLabel] = []
     seen: set[tuple[str, int]] = set()
-    for n, row in enumerate(reader, start=2):
+    for row in reader:
+        n = reader.line_num  # the file's line, blank lines counted
         series = (row.get(fields["series"]) or "").strip()
         cls = (row.get(fields["class"]) or "").strip()
         lab = (row.get(fields["label"]) or "").strip().casefold()
