@@ -3,8 +3,9 @@
 * **DICOM SEG** (any producer): found by the Referenced Series Instance UID it
   declares, read with highdicom's Segmentation reader (``hd.seg.segread``).
   Frames are placed on the series grid by the source SOP Instance (and frame)
-  UIDs each SEG frame references; a SEG without usable references is placed by
-  its plane positions (``Segmentation.get_volume``), which must fall exactly on
+  UIDs each SEG frame references; a SEG without usable references (none of the
+  series, or frames not stating Spatial Locations Preserved, as dcmqi writes
+  them, which highdicom then refuses to index by source) is placed by its plane positions (``Segmentation.get_volume``), which must fall exactly on
   the series voxels (same Frame of Reference, axes along the series axes, same
   spacing). Nothing is assumed from frame order.
 * **NIfTI** (nibabel), named after the series (its SeriesInstanceUID or its
@@ -132,7 +133,9 @@ def _seg_frames_by_source(seg: hd.seg.Segmentation, volume: Volume,
                 uids[0], frames, segment_numbers=numbers, assert_missing_frames_are_empty=True,
                 skip_overlap_checks=True))
     except (ValueError, KeyError, RuntimeError):
-        return None  # references incomplete or ambiguous: fall back to positions
+        # references incomplete, ambiguous, or spatial locations not declared preserved
+        # (highdicom's RuntimeError): the caller places the frames by their positions
+        return None
     return None
 
 

@@ -308,6 +308,9 @@ def test_seg_written_by_dcmqi(ct, tmp_path: Path,  # type: ignore[no-untyped-def
     case = _report(tmp_path / "o")["cases"][0]
     assert rc == 0, case
     assert case["reference_kind"] == "seg"
+    # dcmqi's frames name their source images but do not state Spatial Locations Preserved,
+    # so highdicom will not index them by source: they are placed by their plane positions
+    assert case["placed_by"] == "plane positions"
     for lab in case["labels"]:
         assert lab["matched_by"] == "property type code"
         assert lab["metrics"]["dice"] == pytest.approx(expected[lab["name"]], abs=1e-12)
