@@ -5,7 +5,8 @@
   Frames are placed on the series grid by the source SOP Instance (and frame)
   UIDs each SEG frame references; a SEG without usable references (none of the
   series, or frames not stating Spatial Locations Preserved, as dcmqi writes
-  them, which highdicom then refuses to index by source) is placed by its plane positions (``Segmentation.get_volume``), which must fall exactly on
+  them, which highdicom then refuses to index by source) is placed by its
+  plane positions (``Segmentation.get_volume``), which must fall exactly on
   the series voxels (same Frame of Reference, axes along the series axes, same
   spacing). Nothing is assumed from frame order.
 * **NIfTI** (nibabel), named after the series (its SeriesInstanceUID or its
