@@ -56,7 +56,7 @@ def test_distance_uses_physical_spacing() -> None:
     assert sd.hausdorff_mm == pytest.approx(5.0)
     assert sd.mean_surface_distance_mm == pytest.approx(5.0)
     ref2 = np.zeros_like(ref)
-    ref2[0, 1, 2] = True  # one column over: 0.7 mm; plus 2 rows? no, 0 rows
+    ref2[0, 1, 2] = True  # same slice and row, one column over: 0.7 mm
     assert surface_distances(pred, ref2, (2.5, 0.7, 0.7)).hd95_mm == pytest.approx(0.7)
 
 
