@@ -49,3 +49,7 @@ class DispatchError(DicomNodeError):
 
 class RoutingError(DicomNodeError):
     """Invalid routing rule (names the rule)."""
+
+
+class EvaluationError(DicomNodeError):
+    """A reference result cannot be read or does not fit the series it belongs to."""

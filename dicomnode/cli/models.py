@@ -4,6 +4,8 @@
 * ``verify [NAME ...]``: SHA-256 of every weights file, load (sessions
   created), and a run on the model's bundled sample compared with the answer
   recorded at release. Exit 1 if any model fails.
+* ``evaluate NAME --series DIR... --reference REF --out DIR``: compare the
+  model's results with reference results (:mod:`dicomnode.cli.models_evaluate`).
 * ``run NAME SERIES_DIR --out DIR [--formats seg,sr,sc]``: offline run on a folder
   of DICOM files; writes the masks as NIfTI, the measurements as JSON and the
   DICOM SEG / SR (/ SC) the node would send (see
@@ -28,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from dicomnode.cli import models_evaluate
 from dicomnode.cli.common import settings_from_args
 from dicomnode.domain import InferenceResult
 from dicomnode.errors import DicomNodeError, ModelError
@@ -62,6 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="DICOM result objects to write too: comma list of seg, sr, sc "
                      "(default: seg,sr; 'none' for NIfTI/JSON only)")
     run.set_defaults(func=_run)
+
+    models_evaluate.register(msub, _common, _registry)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
