@@ -21,7 +21,7 @@ from pydicom.errors import InvalidDicomError
 from dicomnode.cli.common import settings_from_args
 from dicomnode.config import Settings
 from dicomnode.errors import DicomNodeError
-from dicomnode.routing import RoutingTable, Rule, representative
+from dicomnode.routing import RoutingTable, Rule, is_localizer, representative
 
 if TYPE_CHECKING:
     from dicomnode.infer import ModelRegistry  # on use, see module docstring
@@ -118,14 +118,15 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _representatives(path: Path) -> list[tuple[Path, pydicom.Dataset]]:
-    """One header per series: the lowest InstanceNumber (then file name) wins."""
+    """One header per series: the lowest InstanceNumber (then file name) that is not
+    a scout wins, as the worker chooses (:func:`dicomnode.routing.representative`)."""
     if path.is_file():
         files: Iterable[Path] = [path]
     elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
     else:
         raise DicomNodeError(f"{path}: no such file or folder")
-    best: dict[str, tuple[tuple[int, str], Path, pydicom.Dataset]] = {}
+    best: dict[str, tuple[tuple[int, int, str], Path, pydicom.Dataset]] = {}
     unreadable = 0
     for f in files:
         try:
@@ -138,7 +139,7 @@ def _representatives(path: Path) -> list[tuple[Path, pydicom.Dataset]]:
             number = int(ds.get("InstanceNumber", 0) or 0)
         except (TypeError, ValueError):
             number = 0
-        key = (number, str(f))
+        key = (int(is_localizer(ds)), number, str(f))  # a scout only when nothing else
         if series not in best or key < best[series][0]:
             best[series] = (key, f, ds)
     if not best:

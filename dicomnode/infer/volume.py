@@ -78,6 +78,10 @@ class _Frame:
     temporal: float | None = None  # TemporalPositionIdentifier (enhanced: TemporalPositionIndex)
 
 
+class NoStackInPlanes(VolumeError):
+    """The series has no stack in the planes a model can handle (``applies_to.planes``)."""
+
+
 class _Excluded(Exception):  # noqa: N818 - a verdict, not an error: the image is left out
     """An image that is not part of any stack (scout, colour screen...); the reason."""
 
@@ -363,7 +367,7 @@ def _choose(stacks: list[_Stack], choice: StackChoice) -> _Stack:
     if choice.planes:
         cands = [s for s in cands if s.plane in choice.planes]
         if not cands:
-            raise VolumeError(
+            raise NoStackInPlanes(
                 f"no {'/'.join(choice.planes)} stack in the series (the model handles only "
                 f"{'/'.join(choice.planes)} slices); stacks found: {found}")
     key, sel = choice.split_by, choice.select
