@@ -67,7 +67,7 @@ class JobState(str, enum.Enum):  # noqa: UP042 - str() semantics relied upon
     CANCELLED = "cancelled"
     SUPERSEDED = "superseded"
     #: Nothing to do: the version added only images the loader leaves out (a late
-    #: scout), or every model a route named was refused by a hard constraint.
+    #: scout); the job of the version before stays current.
     SKIPPED = "skipped"
 
 

@@ -56,7 +56,7 @@ fails: modality, minimum number of slices (counted in the stack the loader
 keeps), planes it can handle. The soft hints (series description, body part)
 only select models for the embedded default. A refused model is recorded in
 the job's notes (``refused``, with the constraint); when every model is
-refused and nothing is forwarded, the job ends ``skipped``.
+refused and nothing is forwarded, the job fails with the refusals.
 
 Series as scanners send them
 ----------------------------
@@ -489,9 +489,11 @@ class Pipeline:
             report.models = ()
             if deliveries:  # the originals are still forwarded
                 return outputs, deliveries
-            report.skipped = "no model to run: " + "; ".join(
-                f"{r['model']}: {r['refusal']}" for r in report.notes.get("refused", ()))
-            return [], []
+            # The route asked for these models and none can run: a configuration
+            # (or data) problem for the operator to see, not a silent skip.
+            raise ModelError("; ".join(
+                f"{r['model']} does not apply to this series: {r['refusal']}"
+                for r in report.notes.get("refused", ())))
         report.models = tuple(models)
         outputs_, deliveries_ = self._infer(job, report, hb, decision, header, models, volumes)
         return outputs + outputs_, deliveries + deliveries_
