@@ -249,3 +249,39 @@ def test_errors_of_earlier_attempts_are_history_once_the_job_succeeds(
     out = _cli(tmp_path, pacs, [CT_RULE], capsys, "jobs", "show", str(job.id), **kw)
     assert "error:" not in out.splitlines()[0]
     assert "failed attempts: 1" in out and "attempt 1 at " in out
+
+
+def test_models_asking_for_different_stacks_each_get_theirs(tmp_path: Path, pacs: Orthanc
+                                                            ) -> None:
+    # One CT series covered in two acquisitions: ct-tissue takes the whole stack, a
+    # second model (same graph) asks for the last acquisition only.
+    fx = cranium_ct_series(tmp_path / "src", k_range=(30, 50))
+    for k, p in enumerate(fx.paths):
+        ds = pydicom.dcmread(p)
+        ds.AcquisitionNumber = 1 if k < 12 else 2
+        ds.save_as(p)
+    models = _model_copy(tmp_path)
+    late = models / "ct-late"
+    shutil.copytree(models / "ct-tissue", late)
+    data = yaml.safe_load((late / "model.yaml").read_text())
+    data["name"] = "ct-late"
+    data["input"]["stack"] = {"split_by": "acquisition", "select": "last"}
+    (late / "model.yaml").write_text(yaml.safe_dump(data))
+    rule = {**CT_RULE, "models": ["ct-tissue", "ct-late"]}
+    with _open(tmp_path, pacs, [rule], models={"path": str(models)}) as store:
+        v = ingest_series(store, fx.paths)
+        job = store.enqueue(fx.series_uid, v)
+        report = Worker(store.settings, store).poll_once()
+        assert report is not None and report.state is JobState.DONE, report
+        assert report.models == ("ct-tissue", "ct-late") and len(report.outputs) == 4
+        segs = [pydicom.dcmread(o.path) for o in report.outputs if o.kind == "seg"]
+        counts = sorted(len({r.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence
+                             for r in s.ReferencedInstanceSequence}) for seg in segs)
+        assert counts == [8, 20]
+        for o in report.outputs:
+            res = dciodvfy(o.path)
+            assert not res.errors, res.output
+        [ex] = store.get_job(job.id).notes["excluded"]  # type: ignore[misc]
+        assert ex["models"] == ["ct-late"] and ex["count"] == 12
+        assert ex["reason"] == "another stack: AcquisitionNumber 1 (the volume is " \
+                               "AcquisitionNumber 2)"
