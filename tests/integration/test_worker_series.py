@@ -19,7 +19,7 @@ from dicomnode.domain import JobState
 from dicomnode.infer import resolve_models_dir
 from dicomnode.store import Store
 from dicomnode.worker import Worker
-from tests.support.infer_data import cranium_ct_series
+from tests.support.infer_data import cranium_ct_series, load_colin27
 from tests.support.peers import Orthanc, dciodvfy, orthanc_running
 from tests.support.pipeline_env import (
     destination,
@@ -285,3 +285,37 @@ def test_models_asking_for_different_stacks_each_get_theirs(tmp_path: Path, pacs
         assert ex["models"] == ["ct-late"] and ex["count"] == 12
         assert ex["reason"] == "another stack: AcquisitionNumber 1 (the volume is " \
                                "AcquisitionNumber 2)"
+
+
+def test_routed_deepbet_runs_on_a_t1_whatever_its_description_with_a_scout_in_it(
+        tmp_path: Path, pacs: Orthanc) -> None:
+    # The case: "GEOM a_axial_inf2sup" does not match deepbet-brain's description
+    # hint, and a LOCALIZER sits in the series; the route names the model: it runs.
+    raw = load_colin27()
+    paths = write_series(raw.array, tmp_path / "t1", modality="MR", spacing=raw.spacing,
+                         orientation=raw.orientation, origin=tuple(raw.origin),
+                         series_description="GEOM a_axial_inf2sup")
+    first = pydicom.dcmread(paths[0])
+    scout = tmp_path / "scout.dcm"
+    ds = pydicom.dcmread(paths[0])
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    ds.InstanceNumber = 0
+    ds.save_as(scout)
+    rule = {"name": "brain", "when": {"Modality": "MR"}, "models": ["deepbet-brain"],
+            "send": ["pacs"]}
+    with _open(tmp_path, pacs, [rule]) as store:
+        v = ingest_series(store, [scout, *paths])
+        job = store.enqueue(str(first.SeriesInstanceUID), v)
+        report = Worker(store.settings, store).poll_once()
+        assert report is not None and report.state is JobState.DONE, report
+        assert report.models == ("deepbet-brain",)
+        done = store.get_job(job.id)
+        assert done.last_error is None and "refused" not in done.notes
+        assert [e["reason"] for e in done.notes["excluded"]] == [  # type: ignore[union-attr]
+            "LOCALIZER (scout) image"]
+        for o in report.outputs:
+            res = dciodvfy(o.path)
+            assert not res.errors, res.output
