@@ -44,6 +44,10 @@ def _log_entry(job: Any, error: str, transient: bool, now: datetime) -> str:
     return json.dumps(log[-50:])  # a job retried forever keeps its last 50 attempts
 
 
+#: ``superseded_state`` of a job that finished while superseded (results not sent).
+UNSENT = "done-unsent"
+
+
 def row_to_job(r: Any) -> Job:
     return Job(
         id=r.id,
@@ -196,7 +200,9 @@ def finish(conn: Connection, *, job_id: int, worker_id: str, now: datetime,
     conn.execute(update(jobs).where(jobs.c.id == job_id).values(
         state=state.value, finished_at=now, updated_at=now, lease_until=None, last_error=None,
         notes=json.dumps(dict(notes)) if notes else None,
-        superseded_state=JobState.DONE.value if state is JobState.SUPERSEDED else None))
+        # Finished after a newer version existed: its deliveries were not queued, so
+        # it must not become current again (see handed_back_to).
+        superseded_state=UNSENT if state is JobState.SUPERSEDED else None))
     return state
 
 
@@ -204,8 +210,10 @@ def handed_back_to(conn: Connection, *, job_id: int) -> Job | None:
     """The job whose result stays current if job ``job_id`` is skipped, or ``None``.
 
     That is the newest earlier version's job of the same series that succeeded:
-    superseded by this job after it was done, or done and current (this job was
-    skipped before and is run again).
+    superseded by this job after it was done (and its results queued), or done
+    and current (this job was skipped before and is run again). A job that
+    finished only after this one existed queued no deliveries: it is not
+    handed back to, and this job runs.
     """
     job = get(conn, job_id)
     r = conn.execute(select(jobs).where(

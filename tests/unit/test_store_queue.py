@@ -303,3 +303,21 @@ def test_skipped_version_hands_the_series_back(tmp_path: Path, db_url: str) -> N
         v4 = store.enqueue(series)
         assert store.get_job(v3.id).state is JobState.SUPERSEDED
         assert store.job_handed_back_to(v4.id) is None
+
+
+def test_a_job_finished_while_superseded_is_not_handed_back_to(tmp_path: Path,
+                                                              db_url: str) -> None:
+    clock = Clock()
+    with _open(tmp_path, db_url, clock) as store:
+        study, series = generate_uid(), generate_uid()
+        for i in (1, 2):
+            p = make_instance(tmp_path / f"s{i}.dcm", study_uid=study, series_uid=series,
+                              instance_number=i)
+            store.ingest(read_meta(p.read_bytes()), p.read_bytes())
+            if i == 1:
+                v1 = store.enqueue(series)
+                store.claim_job("w")
+        v2 = store.enqueue(series)
+        # v1 ends after v2 exists: superseded, its deliveries never queued.
+        assert store.finish_job(v1.id, "w").state is JobState.SUPERSEDED
+        assert store.job_handed_back_to(v2.id) is None
