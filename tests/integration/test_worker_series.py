@@ -4,6 +4,7 @@ every object, and the ``dicomnode jobs show`` / ``jobs list`` commands."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -249,6 +250,10 @@ def test_errors_of_earlier_attempts_are_history_once_the_job_succeeds(
     out = _cli(tmp_path, pacs, [CT_RULE], capsys, "jobs", "show", str(job.id), **kw)
     assert "error:" not in out.splitlines()[0]
     assert "failed attempts: 1" in out and "attempt 1 at " in out
+    shown = json.loads(_cli(tmp_path, pacs, [CT_RULE], capsys, "jobs", "show", str(job.id),
+                            "--json", **kw))
+    assert shown["error"] is None and shown["state"] == "done"
+    assert [a["attempt"] for a in shown["attempt_log"]] == [1]
 
 
 def test_models_asking_for_different_stacks_each_get_theirs(tmp_path: Path, pacs: Orthanc
