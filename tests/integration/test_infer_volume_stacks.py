@@ -162,3 +162,38 @@ def test_too_few_usable_frames_names_what_was_left_out(tmp_path: Path,
     with pytest.raises(VolumeError, match=r"3 usable frame\(s\) cannot be a volume \(need at "
                                           r"least 20\); left out: 1 image: LOCALIZER"):
         load_volume([scout, *paths], min_slices=20)
+
+
+def test_dynamic_series_split_by_temporal_position(tmp_path: Path,
+                                                   uids: dict[str, str]) -> None:
+    arrays, files = [], []
+    for t in (1, 2, 3, 4):
+        arr = np.full((6, 8, 6), 10.0 * t)
+        paths = write_series(arr, tmp_path / f"t{t}", modality="MR", spacing=(2.0, 1.0, 1.0),
+                             **uids)  # type: ignore[arg-type]
+        for p in paths:
+            _edit(p, TemporalPositionIdentifier=t, NumberOfTemporalPositions=4)
+        arrays.append(arr)
+        files += paths
+    v = load_volume(files)
+    np.testing.assert_array_equal(v.array, arrays[0])
+    assert sum(len(e.instances) for e in v.excluded) == 18
+    last = load_volume(files, stack=StackChoice(split_by="temporal", select="last"))
+    np.testing.assert_array_equal(last.array, arrays[3])
+    assert ("another stack: TemporalPositionIdentifier 1 (the volume is "
+            "TemporalPositionIdentifier 4)") in {
+        e.reason for e in last.excluded}
+
+
+def test_enhanced_multiframe_with_a_scout_beside_it(tmp_path: Path,
+                                                    uids: dict[str, str]) -> None:
+    arr = np.arange(6 * 8 * 6, dtype=float).reshape(6, 8, 6) % 503
+    [enhanced] = write_series(arr, tmp_path / "mf", modality="MR", spacing=(2.0, 1.0, 1.0),
+                              enhanced=True, **uids)  # type: ignore[arg-type]
+    series_uid = str(pydicom.dcmread(enhanced).SeriesInstanceUID)  # the converter's own
+    scout = _scout(tmp_path, {**uids, "series_uid": series_uid})
+    _edit(scout, FrameOfReferenceUID=str(pydicom.dcmread(enhanced).FrameOfReferenceUID))
+    for buffer in (None, VolumeBuffer()):
+        v = load_volume([scout, enhanced], buffer=buffer)
+        np.testing.assert_array_equal(v.array, arr)
+        assert [e.reason for e in v.excluded] == ["LOCALIZER (scout) image"]

@@ -324,3 +324,20 @@ def test_routed_deepbet_runs_on_a_t1_whatever_its_description_with_a_scout_in_it
         for o in report.outputs:
             res = dciodvfy(o.path)
             assert not res.errors, res.output
+
+
+def test_a_series_of_scouts_only_fails_with_the_reason(tmp_path: Path, pacs: Orthanc) -> None:
+    paths = write_series(np.full((4, 32, 32), 100.0), tmp_path / "scouts", modality="CT",
+                         orientation=CORONAL)
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.save_as(p)
+    with _open(tmp_path, pacs, [CT_RULE]) as store:
+        v = ingest_series(store, paths)
+        job = store.enqueue(str(pydicom.dcmread(paths[0]).SeriesInstanceUID), v)
+        report = Worker(store.settings, store).poll_once()
+        assert report is not None and report.state is JobState.FAILED
+        assert store.get_job(job.id).last_error == (
+            "volume: no image of the series can be part of a volume: 4 images: LOCALIZER "
+            "(scout) image")
