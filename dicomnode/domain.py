@@ -66,6 +66,9 @@ class JobState(str, enum.Enum):  # noqa: UP042 - str() semantics relied upon
     FAILED = "failed"
     CANCELLED = "cancelled"
     SUPERSEDED = "superseded"
+    #: Nothing to do: the version added only images the loader leaves out (a late
+    #: scout); the job of the version before stays current.
+    SKIPPED = "skipped"
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,12 @@ class Job:
     last_error: str | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    #: Errors of earlier attempts, oldest first: ``{"attempt", "at", "error", "transient"}``.
+    attempt_log: tuple[dict[str, object], ...] = ()
+    #: What the pipeline decided besides the outputs: ``excluded`` (images the loader
+    #: left out, with the reason), ``refused`` (models a hard constraint refused),
+    #: ``skipped`` (why nothing ran).
+    notes: dict[str, object] = field(default_factory=dict)
 
 
 class DeliveryState(str, enum.Enum):  # noqa: UP042
@@ -194,6 +203,18 @@ class FrameRef:
     frame_number: int | None = None  # 1-based for multi-frame sources, None otherwise
 
 
+@dataclass(frozen=True)
+class Exclusion:
+    """Images of a series the loader left out of the volume, and why."""
+
+    reason: str
+    instances: tuple[str, ...]  # SOP Instance UIDs
+
+    def describe(self) -> str:
+        n = len(self.instances)
+        return f"{n} image{'s' if n != 1 else ''}: {self.reason}"
+
+
 @dataclass(frozen=True, eq=False)
 class Volume:
     """A 3D image built from a DICOM series, in source geometry.
@@ -209,6 +230,10 @@ class Volume:
     frame_of_reference_uid: str
     modality: str
     paths: tuple[Path, ...] = ()  # source files, for encoders that need the datasets
+    #: Images of the series the loader left out (scouts, other stacks), by reason.
+    excluded: tuple[Exclusion, ...] = ()
+    #: The stack's plane: ``axial``, ``coronal``, ``sagittal`` or ``oblique``.
+    plane: str = ""
 
     @property
     def spacing(self) -> tuple[float, float, float]:

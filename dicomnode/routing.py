@@ -487,17 +487,38 @@ def _check_dataset_keyword(keyword: str) -> None:
         raise RoutingError(f"unknown DICOM keyword {keyword!r}")
 
 
-def representative(instances: Sequence[InstanceRef]) -> Dataset:
-    """The header rules are evaluated on: the series' lowest Instance Number.
+#: Instances read at most to find one that is not a scout (see :func:`representative`).
+REPRESENTATIVE_TRIES = 8
 
-    Ties and unnumbered instances fall back to the path order, so the choice is
-    stable. Pixel data is not read.
+
+def is_localizer(ds: Dataset) -> bool:
+    """ImageType says LOCALIZER (or SCOUT): a scout image, not part of a volume."""
+    values = _values(ds, "ImageType") or []
+    return any(_text(v).upper() in ("LOCALIZER", "SCOUT") for v in values)
+
+
+def representative(instances: Sequence[InstanceRef]) -> Dataset:
+    """The header rules are evaluated on: the series' lowest Instance Number that is
+    not a LOCALIZER (scout) image.
+
+    Scanners often put the scout first in the series it was taken for; the
+    rules are about the images the models run on. Up to
+    :data:`REPRESENTATIVE_TRIES` headers are read; when all are scouts, the
+    first is used. Ties and unnumbered instances fall back to the path order,
+    so the choice is stable. Pixel data is not read.
     """
     if not instances:
         raise RoutingError("cannot route an empty series")
-    first = min(instances, key=lambda i: (i.instance_number is None,
-                                          i.instance_number or 0, str(i.path)))
-    return dcmread(first.path, stop_before_pixels=True)
+    ordered = sorted(instances, key=lambda i: (i.instance_number is None,
+                                               i.instance_number or 0, str(i.path)))
+    first: Dataset | None = None
+    for ref in ordered[:REPRESENTATIVE_TRIES]:
+        ds = dcmread(ref.path, stop_before_pixels=True)
+        if not is_localizer(ds):
+            return ds
+        first = first if first is not None else ds
+    assert first is not None
+    return first
 
 
 # --------------------------------------------------------------------------- table

@@ -48,6 +48,23 @@ whose manifest applies to the series (modality, body part, description,
 slice count) runs, and the results are stored (nothing is sent, as no
 destination is configured). ``make run`` therefore does its main job out of
 the box; configure routes to send results to a PACS.
+
+Routes decide
+-------------
+A model a matching rule names runs unless a *hard* constraint of its manifest
+fails: modality, minimum number of slices (counted in the stack the loader
+keeps), planes it can handle. The soft hints (series description, body part)
+only select models for the embedded default. A refused model is recorded in
+the job's notes (``refused``, with the constraint); when every model is
+refused and nothing is forwarded, the job fails with the refusals.
+
+Series as scanners send them
+----------------------------
+The loader keeps the stack a model asks for (the largest by default) and
+leaves out scouts and other stacks; what it left out is in the job's notes
+(``excluded``) and in the SR. A later version of a series that adds only
+images the loader leaves out (a late scout) ends ``skipped``, and the job of
+the version before stays current with its result (it is not superseded).
 """
 
 from __future__ import annotations
@@ -67,12 +84,14 @@ from dicomnode.codec.part10 import to_part10
 from dicomnode.config import Settings
 from dicomnode.dispatch.notify import ResultSummary
 from dicomnode.domain import (
+    Exclusion,
     InferenceResult,
     InstanceRef,
     Job,
     JobState,
     OutputObject,
     SeriesRef,
+    Volume,
     WakeSignal,
     worker_identity,
 )
@@ -89,7 +108,9 @@ from dicomnode.errors import (
     StoreError,
     VolumeError,
 )
-from dicomnode.infer import ModelRegistry, VolumeBuffer, load_volume
+from dicomnode.infer import ModelRegistry, StackChoice, VolumeBuffer, load_volume
+from dicomnode.infer.manifest import Refusal
+from dicomnode.infer.volume import NoStackInPlanes, describe_exclusions
 from dicomnode.logs import kv
 from dicomnode.routing import RouteDecision, RoutingTable, SendTarget, representative
 from dicomnode.store import NewDelivery, Store
@@ -149,6 +170,10 @@ class JobReport:
     deliveries: tuple[tuple[str, str], ...] = ()  # (destination, SOP Instance UID)
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    #: Kept with the job: ``excluded`` images, ``refused`` models (see the module doc).
+    notes: dict[str, Any] = field(default_factory=dict)
+    #: Why the job was skipped (nothing to do), when it was.
+    skipped: str | None = None
 
 
 class _Heartbeat:
@@ -380,7 +405,12 @@ class Pipeline:
                 outputs, deliveries = self._run(job, report, hb)
                 hb.check()
                 with _timed(timings, "finish"):
-                    done = self.store.finish_job(job.id, worker_id, outputs, deliveries)
+                    if report.skipped is not None:
+                        done = self.store.skip_job(job.id, worker_id, report.skipped,
+                                                   report.notes)
+                    else:
+                        done = self.store.finish_job(job.id, worker_id, outputs, deliveries,
+                                                     report.notes)
             report.state = done.state
             report.outputs = tuple(outputs)
             if done.state is JobState.DONE:
@@ -396,7 +426,8 @@ class Pipeline:
                 transient=transient, attempt=job.attempts, reason=reason),
                 exc_info=not isinstance(exc, DicomNodeError))
             try:
-                failed = self.store.fail_job(job.id, worker_id, reason, transient=transient)
+                failed = self.store.fail_job(job.id, worker_id, reason, transient=transient,
+                                             notes=report.notes)
                 report.state = failed.state
             except StoreError as exc2:
                 # The lease is gone (cancelled / reclaimed): its new owner decides.
@@ -409,7 +440,9 @@ class Pipeline:
                           version=job.series_version, state=report.state.value,
                           rule=report.rule, models=",".join(report.models),
                           outputs=len(report.outputs), deliveries=len(report.deliveries),
-                          error=report.error,
+                          error=report.error, skipped=report.skipped,
+                          refused=",".join(r["model"] for r in report.notes.get("refused", ()))
+                          or None,
                           **{f"{k}_s": round(v, 3) for k, v in timings.items()}))
         return report
 
@@ -448,28 +481,135 @@ class Pipeline:
         if not decision.models:
             return outputs, deliveries
 
-        for name in decision.models:
-            ok, why = self.registry.manifest(name).applies_to(
-                _text(header, "Modality"), _text(header, "BodyPartExamined"),
-                _text(header, "SeriesDescription"), _frame_count(refs, header))
-            if not ok:
-                raise ModelError(f"{name} does not apply to this series: {why}")
-        with _timed(timings, "load"):
-            # Into the worker's reused buffer: valid until this worker's next job.
-            volume = load_volume([r.path for r in refs], buffer=self.volume_buffer)
+        models, volumes = self._prepare(job, refs, header, decision.models, report)
         hb.check()
+        if report.skipped is not None:
+            return [], []
+        if not models:
+            report.models = ()
+            if deliveries:  # the originals are still forwarded
+                return outputs, deliveries
+            # The route asked for these models and none can run: a configuration
+            # (or data) problem for the operator to see, not a silent skip.
+            raise ModelError("; ".join(
+                f"{r['model']} does not apply to this series: {r['refusal']}"
+                for r in report.notes.get("refused", ())))
+        report.models = tuple(models)
+        outputs_, deliveries_ = self._infer(job, report, hb, decision, header, models, volumes)
+        return outputs + outputs_, deliveries + deliveries_
+
+    def _prepare(self, job: Job, refs: Sequence[InstanceRef], header: Any,
+                 names: Sequence[str], report: JobReport) -> tuple[list[str], dict[str, Volume]]:
+        """The models that run and the volume each runs on; refusals and exclusions noted.
+
+        Routed models are checked against their manifests' hard constraints only;
+        models of the embedded default were selected by their manifests already.
+        One volume is loaded per distinct stack the models ask for.
+        """
+        explicit = bool(self.table.rules)
+        refused: list[dict[str, Any]] = []
+
+        def refuse(name: str, r: Refusal) -> None:
+            refused.append({"model": name, "constraint": r.constraint, "reason": r.reason,
+                            "refusal": str(r)})
+            log.info("model refused by its manifest", extra=kv(
+                job_id=job.id, model=name, constraint=r.constraint, reason=r.reason))
+
+        candidates: list[str] = []
+        for name in names:
+            r = self.registry.manifest(name).refusal(_text(header, "Modality"),
+                                                     _frame_count(refs, header))
+            if r is not None and (explicit or r.hard):
+                refuse(name, r)
+            else:
+                candidates.append(name)
+        by_stack: dict[StackChoice, Volume] = {}
+        chosen: dict[str, Volume] = {}
+        models: list[str] = []
+        timings = report.timings
+        for name in candidates:
+            manifest = self.registry.manifest(name)
+            choice = manifest.stack
+            if choice not in by_stack:
+                try:
+                    with _timed(timings, "load"):
+                        # The first into the worker's reused buffer (valid until this
+                        # worker's next job); another stack into its own memory.
+                        by_stack[choice] = load_volume(
+                            [r.path for r in refs], stack=choice,
+                            buffer=self.volume_buffer if not by_stack else None)
+                except NoStackInPlanes as exc:
+                    refuse(name, Refusal("applies_to.planes", str(exc), True))
+                    continue
+            volume = by_stack[choice]
+            n = volume.shape[0]
+            if n < manifest.applicability.min_slices:
+                left = (f" ({sum(len(e.instances) for e in volume.excluded)} image(s) left "
+                        "out)") if volume.excluded else ""
+                refuse(name, Refusal(
+                    "applies_to.min_slices", f"{n} slice(s) in the stack used{left}, the model "
+                    f"needs at least {manifest.applicability.min_slices}", True))
+                continue
+            chosen[name] = volume
+            models.append(name)
+        if refused:
+            report.notes["refused"] = refused
+        used = list({id(v): v for v in chosen.values()}.values())
+        excluded = [
+            {"reason": e.reason, "count": len(e.instances), "instances": list(e.instances),
+             "models": [m for m, v in chosen.items() if v is vol]}
+            for vol in used for e in vol.excluded]
+        if excluded:
+            report.notes["excluded"] = excluded
+        if used and job.series_version > 1:
+            self._skip_if_nothing_new(job, refs, used, report)
+        return models, chosen
+
+    def _skip_if_nothing_new(self, job: Job, refs: Sequence[InstanceRef],
+                             volumes: Sequence[Volume], report: JobReport) -> None:
+        """A version whose new images the loader all leaves out (a late scout) is
+        skipped when the version before it has a result: that one stays current."""
+        before = {r.sop_instance_uid for r in self.store.series_instances(
+            job.series_uid, job.series_version - 1)}
+        new = {r.sop_instance_uid for r in refs} - before
+        if not new:
+            return
+        for vol in volumes:
+            left_out = {uid for e in vol.excluded for uid in e.instances}
+            if not new <= left_out:
+                return
+        previous = self.store.job_handed_back_to(job.id)
+        if previous is None:
+            return
+        what = [Exclusion(e.reason, tuple(u for u in e.instances if u in new))
+                for e in volumes[0].excluded]
+        report.skipped = (
+            f"version {job.series_version} added only images left out of the volume "
+            f"({describe_exclusions(e for e in what if e.instances)}); the result of job "
+            f"{previous.id} (version {previous.series_version}) stays current")
+
+    def _infer(self, job: Job, report: JobReport, hb: _Heartbeat, decision: RouteDecision,
+               header: Any, models: Sequence[str], volumes: dict[str, Volume],
+               ) -> tuple[list[OutputObject], list[NewDelivery]]:
+        timings = report.timings
+        outputs: list[OutputObject] = []
+        deliveries: list[NewDelivery] = []
+        volume = volumes[models[0]]
         # The encoders need the source headers; read them while the first model
         # computes (onnxruntime releases the GIL), not after it.
-        first = InferenceResult(self.registry.manifest(decision.models[0]).info, volume)
+        first = InferenceResult(self.registry.manifest(models[0]).info, volume)
         headers = _Prefetch(lambda: load_sources(first))
         formats, keep_empty = self._formats(decision.send)
         options = EncodeOptions(series_version=job.series_version, keep_empty_frames=keep_empty)
-        for name in decision.models:
+        for name in models:
             with _timed(timings, "model"):
-                result = self.registry.run(name, volume)
+                result = self.registry.run(name, volumes[name])
             hb.check()
             with _timed(timings, "encode"):
-                sources = headers.get()  # any wait for the reading is encode time
+                if volumes[name] is volume:
+                    sources = headers.get()  # any wait for the reading is encode time
+                else:  # another stack of the series: its own source headers
+                    sources = load_sources(result)
                 # Logged apart: read in a thread while the model ran, not in any stage.
                 timings["sources_concurrent"] = headers.seconds
                 datasets = encode_results(result, sources, formats, options)

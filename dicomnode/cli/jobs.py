@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_jobs_list)
-    p = jsub.add_parser("show", help="one job: state, error, outputs, deliveries")
+    p = jsub.add_parser("show", help="one job: state, error, what was left out or refused, "
+                        "earlier attempts, outputs, deliveries")
     p.add_argument("job_id", type=int)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_jobs_show)
@@ -91,6 +92,8 @@ def delivery_dict(d: Delivery) -> dict[str, Any]:
 
 def _job_line(j: Job) -> str:
     err = f"  error: {j.last_error}" if j.last_error and j.state is not JobState.DONE else ""
+    if j.state is JobState.SKIPPED and j.notes.get("skipped"):
+        err = f"  skipped: {j.notes['skipped']}"
     when = f"  next try {_ts(j.not_before)}" if j.state is JobState.PENDING and j.not_before else ""
     return (f"job {j.id:<6} {j.state.value:<10} attempts {j.attempts}  "
             f"series {j.series_uid} v{j.series_version}  study {j.study_uid}{when}{err}")
@@ -146,6 +149,8 @@ def _jobs_show(args: argparse.Namespace) -> int:
     if args.json:
         out = job_dict(job)
         out["superseded_by"] = newer
+        out["notes"] = job.notes
+        out["attempt_log"] = list(job.attempt_log)
         out["outputs"] = [{"kind": o.kind, "sop_instance_uid": o.sop_instance_uid,
                            "sop_class_uid": o.sop_class_uid, "path": str(o.path)}
                           for o in outputs]
@@ -157,6 +162,8 @@ def _jobs_show(args: argparse.Namespace) -> int:
           f"updated {_ts(job.updated_at)}")
     if newer:
         print(f"  superseded by job {newer} (a newer version of the series)")
+    for line in notes_lines(job):
+        print(line)
     print(f"  outputs: {len(outputs)}")
     for o in outputs:
         print(f"    {o.kind or '-':<4} {o.sop_instance_uid}  {o.path}")
@@ -164,6 +171,31 @@ def _jobs_show(args: argparse.Namespace) -> int:
     for d in sorted(deliveries, key=lambda x: x.id):
         print("    " + _delivery_line(d))
     return 0
+
+
+def notes_lines(job: Job) -> list[str]:
+    """``jobs show``: what the pipeline left out or refused, and the earlier attempts."""
+    lines: list[str] = []
+    notes = job.notes
+    excluded = notes.get("excluded") or []
+    if isinstance(excluded, list) and excluded:
+        lines.append("  left out of the volume:")
+        for e in excluded:
+            n = e.get("count", len(e.get("instances", ())))
+            for_models = f" (for {', '.join(e['models'])})" if e.get("models") else ""
+            lines.append(f"    {n} image{'s' if n != 1 else ''}: {e.get('reason')}{for_models}")
+    refused = notes.get("refused") or []
+    if isinstance(refused, list) and refused:
+        lines.append("  models refused:")
+        for r in refused:
+            lines.append(f"    {r.get('model')}: {r.get('constraint')}: {r.get('reason')}")
+    if job.attempt_log:
+        lines.append(f"  failed attempts: {len(job.attempt_log)}")
+        for a in job.attempt_log:
+            kind = "transient" if a.get("transient") else "permanent"
+            lines.append(f"    attempt {a.get('attempt')} at {a.get('at')} ({kind}): "
+                         f"{a.get('error')}")
+    return lines
 
 
 def _jobs_retry(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from pydicom.errors import InvalidDicomError
 from dicomnode.cli.common import settings_from_args
 from dicomnode.config import Settings
 from dicomnode.errors import DicomNodeError
-from dicomnode.routing import RoutingTable, Rule, representative
+from dicomnode.routing import RoutingTable, Rule, is_localizer, representative
 
 if TYPE_CHECKING:
     from dicomnode.infer import ModelRegistry  # on use, see module docstring
@@ -117,15 +117,17 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _representatives(path: Path) -> list[tuple[Path, pydicom.Dataset]]:
-    """One header per series: the lowest InstanceNumber (then file name) wins."""
+def _representatives(path: Path) -> list[tuple[Path, pydicom.Dataset, int]]:
+    """One header per series: the lowest InstanceNumber (then file name) that is not
+    a scout wins, as the worker chooses (:func:`dicomnode.routing.representative`)."""
     if path.is_file():
         files: Iterable[Path] = [path]
     elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
     else:
         raise DicomNodeError(f"{path}: no such file or folder")
-    best: dict[str, tuple[tuple[int, str], Path, pydicom.Dataset]] = {}
+    best: dict[str, tuple[tuple[int, int, str], Path, pydicom.Dataset]] = {}
+    count: dict[str, int] = {}
     unreadable = 0
     for f in files:
         try:
@@ -135,22 +137,56 @@ def _representatives(path: Path) -> list[tuple[Path, pydicom.Dataset]]:
             continue
         series = str(ds.get("SeriesInstanceUID", "")) or str(f)
         try:
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+        except (TypeError, ValueError):
+            frames = 1
+        count[series] = count.get(series, 0) + max(frames, 1)
+        try:
             number = int(ds.get("InstanceNumber", 0) or 0)
         except (TypeError, ValueError):
             number = 0
-        key = (number, str(f))
+        key = (int(is_localizer(ds)), number, str(f))  # a scout only when nothing else
         if series not in best or key < best[series][0]:
             best[series] = (key, f, ds)
     if not best:
         raise DicomNodeError(f"{path}: no readable DICOM file"
                              + (f" ({unreadable} unreadable)" if unreadable else ""))
-    return [(f, ds) for _, f, ds in best.values()]
+    return [(f, ds, count[s]) for s, (_, f, ds) in best.items()]
+
+
+def _model_verdicts(registry: ModelRegistry | None, names: Iterable[str], ds: pydicom.Dataset,
+                    n_frames: int, *, routed: bool) -> list[str]:
+    """Per model: runs, or the constraint of its manifest that refuses it.
+
+    A model a rule names is checked against the hard constraints only
+    (modality, minimum slices, planes); without rules the soft hints (series
+    description, body part) select too. The slice count is the series' frame
+    count: the loader may still leave scouts or other stacks out.
+    """
+    lines = []
+    for name in names:
+        if registry is None or name not in registry.names():
+            lines.append(f"        model {name}: not installed here (its manifest is unknown)")
+            continue
+        m = registry.manifest(name)
+        iop = ds.get("ImageOrientationPatient")
+        r = m.refusal(str(ds.get("Modality", "") or ""), n_frames,
+                      list(iop) if iop is not None else None,
+                      body_part=None if routed else str(ds.get("BodyPartExamined", "") or ""),
+                      series_description=None if routed else str(
+                          ds.get("SeriesDescription", "") or ""))
+        if r is None:
+            lines.append(f"        model {name}: runs ({n_frames} frame(s))")
+        else:
+            lines.append(f"        model {name}: refused by {r}")
+    return lines
 
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 
 
-def _stored_series(settings: Settings, series_uid: str) -> tuple[Path, pydicom.Dataset, str, str]:
+def _stored_series(settings: Settings,
+                   series_uid: str) -> tuple[Path, pydicom.Dataset, str, str, int]:
     """Representative header and recorded AE titles of a series in the node's store."""
     from dicomnode.store import Store  # on use, see module docstring
 
@@ -164,7 +200,12 @@ def _stored_series(settings: Settings, series_uid: str) -> tuple[Path, pydicom.D
         raise DicomNodeError(f"series {series_uid}: no stored instance file")
     rep = min(refs, key=lambda i: (i.instance_number is None, i.instance_number or 0,
                                    str(i.path)))
-    return rep.path, representative(refs), sref.calling_aet, sref.called_aet
+    ds = representative(refs)
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    return rep.path, ds, sref.calling_aet, sref.called_aet, len(refs) * max(frames, 1)
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -172,11 +213,10 @@ def _explain(args: argparse.Namespace) -> int:
     out = sys.stdout
     target = Path(args.path)
     if not target.exists() and _UID_RE.match(args.path):
-        path, ds, calling, called = _stored_series(settings, args.path)
-        series = [(path, ds, calling, called)]
+        series = [_stored_series(settings, args.path)]
     else:
-        series = [(p, ds, "", settings.node.ae_title) for p, ds in _representatives(target)]
-    for path, ds, rec_calling, rec_called in series:
+        series = [(p, ds, "", settings.node.ae_title, n) for p, ds, n in _representatives(target)]
+    for path, ds, rec_calling, rec_called, n_frames in series:
         calling = rec_calling if args.calling_aet is None else args.calling_aet
         called = rec_called if args.called_aet is None else args.called_aet
         print(f"{path}", file=out)
@@ -186,10 +226,13 @@ def _explain(args: argparse.Namespace) -> int:
         if not table.rules:
             applicable = registry.applicable(
                 str(ds.get("Modality", "") or ""), str(ds.get("BodyPartExamined", "") or ""),
-                str(ds.get("SeriesDescription", "") or "")) if registry else []
+                str(ds.get("SeriesDescription", "") or ""), n_frames) if registry else []
             print("    no routing rules configured: the models whose manifest applies run, "
                   f"results are not sent -> {', '.join(applicable) or 'no model applies'}",
                   file=out)
+            for line in _model_verdicts(registry, registry.names() if registry else [], ds,
+                                        n_frames, routed=False):
+                print(line, file=out)
             continue
         for exp in table.explain(ds, calling, called):
             mark = "MATCH" if exp.matched else "no   "
@@ -198,6 +241,9 @@ def _explain(args: argparse.Namespace) -> int:
                 print(f"          {'+' if exp.matched else '-'} {reason}", file=out)
             if exp.matched:
                 print(f"        -> {_describe(exp.rule)}", file=out)
+                for line in _model_verdicts(registry, exp.rule.models, ds, n_frames,
+                                            routed=True):
+                    print(line, file=out)
                 break
         else:
             print("  no rule matched: stored only, nothing runs or is sent", file=out)

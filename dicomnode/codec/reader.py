@@ -33,7 +33,8 @@ NATIVE_LE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
 _FAST_TAGS: dict[str, tuple[int, str]] = {
     "SOPClassUID": (0x00080016, "s"), "SOPInstanceUID": (0x00080018, "s"),
     "ImageType": (0x00080008, "s"), "Modality": (0x00080060, "s"),
-    "GantryDetectorTilt": (0x00181120, "f"),
+    "GantryDetectorTilt": (0x00181120, "f"), "EchoNumbers": (0x00180086, "f"),
+    "AcquisitionNumber": (0x00200012, "f"), "TemporalPositionIdentifier": (0x00200100, "f"),
     "StudyInstanceUID": (0x0020000D, "s"), "SeriesInstanceUID": (0x0020000E, "s"),
     "ImagePositionPatient": (0x00200032, "f"), "ImageOrientationPatient": (0x00200037, "f"),
     "FrameOfReferenceUID": (0x00200052, "s"),

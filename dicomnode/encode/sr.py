@@ -143,6 +143,9 @@ def _algorithm(result: InferenceResult) -> hd.sr.AlgorithmIdentification:
     model = result.model
     params = [f"family={model.family}"]
     params += [f"weights_sha256={h}" for h in model.weights_sha256]
+    # What the loader left out of the series (a scout, another stack), so that a
+    # reader of the report knows which images the result is about.
+    params += [f"left out: {e.describe()}" for e in result.volume.excluded]
     return hd.sr.AlgorithmIdentification(name=model.name[:64], version=model.version[:64],
                                          parameters=params)
 

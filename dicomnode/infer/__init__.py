@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dicomnode.infer.manifest import Manifest, load_manifest
 from dicomnode.infer.registry import ModelRegistry, resolve_models_dir
-from dicomnode.infer.volume import VolumeBuffer, load_volume
+from dicomnode.infer.volume import StackChoice, VolumeBuffer, load_volume
 
-__all__ = ["Manifest", "ModelRegistry", "VolumeBuffer", "load_manifest", "load_volume",
-           "resolve_models_dir"]
+__all__ = ["Manifest", "ModelRegistry", "StackChoice", "VolumeBuffer", "load_manifest",
+           "load_volume", "resolve_models_dir"]

@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 
 from dicomnode.domain import ClassSpec, CodedConcept, LabelSpec, ModelInfo
 from dicomnode.errors import ModelError
+from dicomnode.infer.volume import PLANES, SPLIT_KEYS, StackChoice, plane_of
 
 ORIENTATION_CODES = {"R", "L", "A", "P", "S", "I"}
 NORMALIZATIONS = ("clip", "scale", "zscore", "percentile", "affine")
@@ -44,6 +46,25 @@ class Applicability:
     body_parts: tuple[str, ...] = ()  # empty: any (BodyPartExamined, upper case)
     series_description: str | None = None  # regex, searched case-insensitively
     min_slices: int = 2
+    planes: tuple[str, ...] = ()  # empty: any; else axial / coronal / sagittal / oblique
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a model does not run on a series: the constraint (its manifest key) and why.
+
+    ``hard`` constraints (modality, minimum slices, planes) refuse a model even
+    when a route names it; soft hints (series description, body part) only
+    select models for the embedded default (no ``routes:``).
+    """
+
+    constraint: str  # e.g. "applies_to.modalities"
+    reason: str
+    hard: bool
+
+    def __str__(self) -> str:
+        kind = "hard constraint" if self.hard else "hint"
+        return f"{kind} {self.constraint}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -92,6 +113,7 @@ class InputSpec:
     crop_foreground: float | None = None  # crop to bbox of values > this before the network
     crop_margin: int = 2  # voxels
     dtype: Literal["float32", "float16"] = "float32"
+    stack: StackChoice = StackChoice()  # which stack of the series (input.stack)
 
 
 @dataclass(frozen=True)
@@ -179,31 +201,72 @@ class Manifest:
                     f"manifest says {w.sha256}; refusing to load a modified or corrupt model"
                 )
 
+    @property
+    def stack(self) -> StackChoice:
+        """The stack of a series this model runs on (``input.stack``, ``applies_to.planes``)."""
+        s = self.input.stack
+        return StackChoice(s.split_by, s.select, self.applicability.planes)
+
+    def refusal(
+        self,
+        modality: str = "",
+        n_slices: int | None = None,
+        orientation: Sequence[float] | None = None,
+        *,
+        body_part: str | None = None,
+        series_description: str | None = None,
+    ) -> Refusal | None:
+        """The first constraint of ``applies_to`` a series fails, or ``None``.
+
+        Hard constraints are always checked: Modality, the number of frames
+        (when known) and the plane of ImageOrientationPatient (when given).
+        The soft hints, BodyPartExamined and SeriesDescription, only when
+        passed (``None``: not checked, as for a model a route names).
+        """
+        a = self.applicability
+        if a.modalities and modality.upper() not in a.modalities:
+            return Refusal("applies_to.modalities",
+                           f"modality {modality or '(none)'} not in {list(a.modalities)}", True)
+        if n_slices is not None and n_slices < a.min_slices:
+            return Refusal("applies_to.min_slices",
+                           f"{n_slices} slice(s), the model needs at least {a.min_slices}", True)
+        if a.planes and orientation is not None and len(orientation) == 6:
+            try:
+                plane = plane_of(np.asarray([float(v) for v in orientation]))
+            except (TypeError, ValueError):
+                plane = ""
+            if plane and plane not in a.planes:
+                return Refusal("applies_to.planes",
+                               f"{plane} slices; the model handles only {list(a.planes)}", True)
+        # Many MR series carry no BodyPartExamined: only a present, different value excludes.
+        if (a.body_parts and body_part is not None and body_part
+                and body_part.upper() not in a.body_parts):
+            return Refusal("applies_to.body_parts",
+                           f"body part {body_part} not in {list(a.body_parts)}", False)
+        if (a.series_description and series_description is not None
+                and not re.search(a.series_description, series_description, re.IGNORECASE)):
+            return Refusal("applies_to.series_description",
+                           f"series description {series_description!r} does not match "
+                           f"{a.series_description!r}", False)
+        return None
+
     def applies_to(
         self,
         modality: str = "",
         body_part: str = "",
         series_description: str = "",
         n_slices: int | None = None,
+        orientation: Sequence[float] | None = None,
     ) -> tuple[bool, str]:
-        """Whether this model should run on a series; returns (ok, reason).
+        """Whether this model should run on a series without routes; returns (ok, reason).
 
-        Routing calls this with the series' Modality, BodyPartExamined,
-        SeriesDescription and (when known) the number of frames.
+        The embedded default (no ``routes:``) calls this with the series'
+        Modality, BodyPartExamined, SeriesDescription, the number of frames
+        and ImageOrientationPatient: hard constraints and soft hints alike.
         """
-        a = self.applicability
-        if a.modalities and modality.upper() not in a.modalities:
-            return False, f"modality {modality or '(none)'} not in {list(a.modalities)}"
-        # Many MR series carry no BodyPartExamined: only a present, different value excludes.
-        if a.body_parts and body_part and body_part.upper() not in a.body_parts:
-            return False, f"body part {body_part or '(none)'} not in {list(a.body_parts)}"
-        if a.series_description and not re.search(a.series_description, series_description,
-                                                  re.IGNORECASE):
-            return False, (f"series description {series_description!r} does not match "
-                           f"{a.series_description!r}")
-        if n_slices is not None and n_slices < a.min_slices:
-            return False, f"{n_slices} slices < {a.min_slices}"
-        return True, "matches"
+        r = self.refusal(modality, n_slices, orientation, body_part=body_part,
+                         series_description=series_description)
+        return (True, "matches") if r is None else (False, str(r))
 
 
 def sha256_file(path: Path) -> str:
@@ -363,6 +426,28 @@ def _orientation(r: _Reader) -> str:
     return v
 
 
+def _stack(r: _Reader) -> StackChoice:
+    """``input.stack: {split_by: echo, select: first}``: which stack of a series to use."""
+    if r.get("stack") is None:
+        return StackChoice()
+    s = r.sub("stack")
+    split_by = s.text("split_by", required=True, choices=SPLIT_KEYS)
+    select = s.text("select", "largest")
+    if split_by == "orientation":
+        if select not in ("largest", *PLANES):
+            s.done()
+            raise s.error("select", f"{select!r}: for orientation use largest or one of "
+                                    f"{list(PLANES)}")
+    elif select not in ("largest", "first", "last"):
+        try:
+            float(select)
+        except ValueError:
+            raise s.error("select", f"{select!r}: use largest, first, last or a number "
+                                    f"(the {split_by} value)") from None
+    s.done()
+    return StackChoice(split_by, select)
+
+
 def load_manifest(path: Path | str) -> Manifest:
     """Read and validate ``model.yaml``; raise :class:`ModelError` naming file and key.
 
@@ -424,7 +509,11 @@ def load_manifest(path: Path | str) -> Manifest:
         body_parts=tuple(str(b).upper() for b in a.items("body_parts")),
         series_description=a.text("series_description"),
         min_slices=a.number("min_slices", 2, lo=1, integer=True),
+        planes=tuple(str(p).lower() for p in a.items("planes")),
     )
+    bad = sorted(set(applicability.planes) - set(PLANES))
+    if bad:
+        raise a.error("planes", f"{bad[0]!r} is not one of {list(PLANES)}")
     if applicability.series_description:
         try:
             re.compile(applicability.series_description)
@@ -452,6 +541,7 @@ def load_manifest(path: Path | str) -> Manifest:
         crop_foreground=i_.number("crop_foreground"),
         crop_margin=i_.number("crop_margin", 2, lo=0, integer=True),
         dtype=i_.text("dtype", "float32", choices=("float32", "float16")),
+        stack=_stack(i_),
     )
     if inp.resize and inp.patch_size:
         raise i_.error("patch_size", "cannot be combined with resize (the network input is fixed)")

@@ -9,11 +9,24 @@ voxel-to-source-frame mapping the SEG encoder needs. Files are read by
 little endian: no pydicom objects), by pydicom otherwise; this module only
 assembles the volume.
 
+Series as scanners send them
+----------------------------
+A series often holds more than one stack: a LOCALIZER (scout) image, a
+coronal reformat beside the axial slices, the echoes of a multi-echo
+acquisition, the time points of a dynamic one, a dose screen. The loader
+groups the frames into stacks (same orientation, matrix and pixel spacing,
+same Echo Number and Temporal Position) and keeps the largest one; scouts and
+images that are not greyscale images are never part of a stack. A model may
+ask for another stack (:class:`StackChoice`, the manifest's ``input.stack``):
+split by orientation, echo, acquisition number or temporal position and pick
+the first, the last, the largest or a given value. Everything left out is
+reported in :attr:`~dicomnode.domain.Volume.excluded`, by reason.
+
 It refuses, with a :class:`~dicomnode.errors.VolumeError` naming the problem,
-anything that would silently produce a wrong volume: mixed series or
-orientations, differing matrix or pixel spacing, gantry tilt (slices not
-stacked along their normal), missing slices, irregular spacing, duplicate
-positions, localiser images and single frames.
+anything that would silently produce a wrong volume from the chosen stack:
+mixed series, gantry tilt (slices not stacked along their normal), missing
+slices, irregular spacing, duplicate positions and single frames; and a series
+in which no stack is left (the reasons of every exclusion are in the message).
 """
 
 from __future__ import annotations
@@ -30,7 +43,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from dicomnode.codec.reader import NATIVE_LE, FastDataset, FileBuffer, read_fast
-from dicomnode.domain import FrameRef, Volume
+from dicomnode.domain import Exclusion, FrameRef, Volume
 from dicomnode.errors import VolumeError
 
 #: |difference| allowed between direction cosines of two frames.
@@ -60,6 +73,69 @@ class _Frame:
     intercept: float
     label: str  # for messages: file name (and frame)
     slot: int | None = None  # volume slice it was placed in while reading (file order)
+    echo: float | None = None  # EchoNumbers (enhanced MR: Effective Echo Time)
+    acquisition: float | None = None  # AcquisitionNumber (enhanced: Frame Acquisition Number)
+    temporal: float | None = None  # TemporalPositionIdentifier (enhanced: TemporalPositionIndex)
+
+
+class NoStackInPlanes(VolumeError):
+    """The series has no stack in the planes a model can handle (``applies_to.planes``)."""
+
+
+class _Excluded(Exception):  # noqa: N818 - a verdict, not an error: the image is left out
+    """An image that is not part of any stack (scout, colour screen...); the reason."""
+
+
+#: What a model may split a series by (``input.stack.split_by`` in a manifest).
+SPLIT_KEYS = ("orientation", "echo", "acquisition", "temporal")
+_SPLIT_ATTR = {"echo": "EchoNumbers", "acquisition": "AcquisitionNumber",
+               "temporal": "TemporalPositionIdentifier", "orientation": "orientation"}
+PLANES = ("axial", "coronal", "sagittal", "oblique")
+
+
+@dataclass(frozen=True)
+class StackChoice:
+    """Which stack of a series a model wants (the manifest's ``input.stack``).
+
+    ``split_by`` None: the largest consistent stack (the default). Otherwise the
+    series' stacks are told apart by ``split_by`` (``orientation``, ``echo``,
+    ``acquisition``, ``temporal``) and ``select`` picks one: ``largest``,
+    ``first`` / ``last`` (lowest / highest value), a number (``echo`` 2) or, for
+    ``orientation``, a plane (``axial``, ``coronal``, ``sagittal``, ``oblique``).
+    ``planes``, when set, are the only planes the model can handle.
+    """
+
+    split_by: str | None = None
+    select: str = "largest"
+    planes: tuple[str, ...] = ()
+
+
+def _num(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0] if len(value) else None
+        if value is None:
+            return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def plane_of(orientation: np.ndarray) -> str:
+    """``axial`` / ``coronal`` / ``sagittal`` when the normal is within 10 degrees of
+    an axis of the patient, else ``oblique``."""
+    normal = np.cross(orientation[:3], orientation[3:])
+    n = float(np.linalg.norm(normal))
+    if n == 0:
+        return "oblique"
+    normal = np.abs(normal / n)
+    axis = int(np.argmax(normal))
+    if normal[axis] < math.cos(math.radians(10)):
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
 
 
 def _files(paths: Path | str | Iterable[Path | str]) -> list[Path]:
@@ -105,16 +181,16 @@ def _header_frames(path: Path, ds: Any) -> list[_Frame]:
     sop_uid = str(ds.get("SOPInstanceUID", ""))
     sop_class = str(ds.get("SOPClassUID", ""))
     if "PixelData" not in ds and "FloatPixelData" not in ds:
-        raise VolumeError(f"{label}: not an image (no Pixel Data; SOP class {sop_class})")
-    image_type = [str(v).upper() for v in ds.get("ImageType", [])]
-    if "LOCALIZER" in image_type:
-        raise VolumeError(f"{label}: is a LOCALIZER (scout) image, not part of a volume")
+        raise _Excluded(f"not an image (no Pixel Data; SOP class {sop_class})")
+    image_type = ds.get("ImageType", [])
+    image_type = [str(v).upper() for v in ([image_type] if isinstance(image_type, str)
+                                           else image_type)]
+    if "LOCALIZER" in image_type or "SCOUT" in image_type:
+        raise _Excluded("LOCALIZER (scout) image")
     spp = int(ds.get("SamplesPerPixel", 1))
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if spp != 1 or not photometric.startswith("MONOCHROME"):
-        raise VolumeError(
-            f"{label}: {photometric} with {spp} samples per pixel is not a greyscale volume"
-        )
+        raise _Excluded(f"{photometric} image ({spp} samples per pixel), not greyscale")
     rows, cols = int(ds.Rows), int(ds.Columns)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     shared = _item(ds, "SharedFunctionalGroupsSequence")
@@ -129,8 +205,10 @@ def _header_frames(path: Path, ds: Any) -> list[_Frame]:
         if tilt is not None and abs(float(tilt)) > 1e-3:
             raise VolumeError(f"{label}: gantry tilt of {float(tilt):g} degrees is not supported")
         if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
-            raise VolumeError(f"{label}: Image Position / Orientation (Patient) missing")
+            raise _Excluded("no Image Position / Orientation (Patient): not a slice of a volume")
         return [_Frame(
+            echo=_num(ds.get("EchoNumbers")), acquisition=_num(ds.get("AcquisitionNumber")),
+            temporal=_num(ds.get("TemporalPositionIdentifier")),
             path=path, index=0, frame_number=None, sop_instance_uid=sop_uid,
             sop_class_uid=sop_class,
             position=_floats(ds.ImagePositionPatient, 3, "ImagePositionPatient", label),
@@ -158,6 +236,8 @@ def _header_frames(path: Path, ds: Any) -> list[_Frame]:
         ori = group("PlaneOrientationSequence")
         meas = group("PixelMeasuresSequence")
         pvt = group("PixelValueTransformationSequence")
+        mr_echo = group("MREchoSequence")
+        content = group("FrameContentSequence")
         if pos is None or ori is None or meas is None:
             raise VolumeError(f"{flabel}: plane position, orientation or pixel measures missing")
         slope = float(pvt.get("RescaleSlope", 1.0)) if pvt is not None else float(
@@ -165,6 +245,12 @@ def _header_frames(path: Path, ds: Any) -> list[_Frame]:
         intercept = float(pvt.get("RescaleIntercept", 0.0)) if pvt is not None else float(
             ds.get("RescaleIntercept", 0.0) or 0.0)
         frames.append(_Frame(
+            echo=_num(ds.get("EchoNumbers")) if mr_echo is None else _num(
+                mr_echo.get("EffectiveEchoTime")),
+            acquisition=_num(content.get("FrameAcquisitionNumber")) if content is not None
+            else _num(ds.get("AcquisitionNumber")),
+            temporal=_num(content.get("TemporalPositionIndex")) if content is not None
+            else None,
             path=path, index=i, frame_number=i + 1, sop_instance_uid=sop_uid,
             sop_class_uid=sop_class,
             position=_floats(pos.get("ImagePositionPatient"), 3, "ImagePositionPatient", flabel),
@@ -203,6 +289,125 @@ def _check_same(frames: list[_Frame]) -> np.ndarray:
             "orthogonal unit vectors"
         )
     return ref.orientation
+
+
+@dataclass
+class _Stack:
+    """Frames that can form one volume: same geometry, echo and temporal position."""
+
+    ref: _Frame
+    frames: list[_Frame]
+    first: int  # order of appearance, for ties
+
+    @property
+    def plane(self) -> str:
+        return plane_of(self.ref.orientation)
+
+    def value(self, key: str) -> Any:
+        if key == "orientation":
+            return self.plane
+        return getattr(self.ref, key)
+
+    def describe(self) -> str:
+        r = self.ref
+        parts = [f"{len(self.frames)} {self.plane}", f"{r.rows}x{r.columns}"]
+        for key in ("echo", "temporal", "acquisition"):
+            v = getattr(r, key)
+            if v is not None:
+                parts.append(f"{_SPLIT_ATTR[key]} {v:g}")
+        return " ".join(parts)
+
+
+def _stacks(frames: list[_Frame], by_acquisition: bool) -> list[_Stack]:
+    """Group ``frames`` (in file order) into the stacks of the series."""
+    stacks: list[_Stack] = []
+    for f in frames:
+        for st in stacks:
+            r = st.ref
+            if ((f.rows, f.columns) == (r.rows, r.columns) and f.echo == r.echo
+                    and f.temporal == r.temporal
+                    and (not by_acquisition or f.acquisition == r.acquisition)
+                    and abs(f.pixel_spacing[0] - r.pixel_spacing[0]) <= 1e-4 * (
+                        1 + abs(r.pixel_spacing[0]))
+                    and abs(f.pixel_spacing[1] - r.pixel_spacing[1]) <= 1e-4 * (
+                        1 + abs(r.pixel_spacing[1]))
+                    and float(np.max(np.abs(f.orientation - r.orientation)))
+                    <= ORIENTATION_TOLERANCE):
+                st.frames.append(f)
+                break
+        else:
+            stacks.append(_Stack(f, [f], len(stacks)))
+    return stacks
+
+
+def _why_not(other: _Stack, used: _Stack) -> str:
+    """Why the frames of ``other`` are not in the volume built from ``used``."""
+    o, u = other.ref, used.ref
+    if float(np.max(np.abs(o.orientation - u.orientation))) > ORIENTATION_TOLERANCE:
+        return (f"orientation {o.orientation.round(4).tolist()} ({other.plane}) differs from "
+                f"the stack used ({u.orientation.round(4).tolist()}, {used.plane})")
+    if (o.rows, o.columns) != (u.rows, u.columns):
+        return f"matrix {o.rows}x{o.columns} differs from the stack used ({u.rows}x{u.columns})"
+    if not np.allclose(o.pixel_spacing, u.pixel_spacing, rtol=1e-4, atol=1e-4):
+        return (f"pixel spacing {list(o.pixel_spacing)} differs from the stack used "
+                f"({list(u.pixel_spacing)})")
+    for key in ("echo", "temporal", "acquisition"):
+        ov, uv = getattr(o, key), getattr(u, key)
+        if ov != uv:
+            show = (lambda v: "none" if v is None else f"{v:g}")  # noqa: E731
+            return (f"another stack: {_SPLIT_ATTR[key]} {show(ov)} (the volume is "
+                    f"{_SPLIT_ATTR[key]} {show(uv)})")
+    return "another stack"  # pragma: no cover - stacks differ in one of the above
+
+
+def _choose(stacks: list[_Stack], choice: StackChoice) -> _Stack:
+    """The stack ``choice`` asks for (default: the largest)."""
+    cands = stacks
+    found = "; ".join(s.describe() for s in stacks)
+    if choice.planes:
+        cands = [s for s in cands if s.plane in choice.planes]
+        if not cands:
+            raise NoStackInPlanes(
+                f"no {'/'.join(choice.planes)} stack in the series (the model handles only "
+                f"{'/'.join(choice.planes)} slices); stacks found: {found}")
+    key, sel = choice.split_by, choice.select
+    if key and sel != "largest":
+        values = sorted({s.value(key) for s in cands if s.value(key) is not None},
+                        key=lambda v: (isinstance(v, str), v))
+        if sel in ("first", "last"):
+            target: Any = (values[0] if sel == "first" else values[-1]) if values else None
+        elif key == "orientation":
+            target = sel
+        else:
+            target = float(sel)
+        picked = [s for s in cands if s.value(key) == target]
+        if not picked:
+            shown = ", ".join(v if isinstance(v, str) else f"{v:g}" for v in values) or "none"
+            raise VolumeError(f"no stack with {_SPLIT_ATTR[key]} {sel} in the series "
+                              f"(values found: {shown}); stacks found: {found}")
+        cands = picked
+
+    def rank(s: _Stack) -> tuple[float, ...]:
+        r = s.ref
+        return (-len(s.frames), r.echo or 0.0, r.temporal or 0.0, r.acquisition or 0.0,
+                float(s.first))
+
+    return min(cands, key=rank)
+
+
+def _merge(excluded: list[tuple[str, str]]) -> tuple[Exclusion, ...]:
+    """(SOP Instance UID, reason) pairs -> one :class:`Exclusion` per reason."""
+    by_reason: dict[str, list[str]] = {}
+    for uid, reason in excluded:
+        uids = by_reason.setdefault(reason, [])
+        if uid not in uids:
+            uids.append(uid)
+    return tuple(Exclusion(r, tuple(u)) for r, u in by_reason.items())
+
+
+def describe_exclusions(excluded: Iterable[Exclusion]) -> str:
+    """``1 image: LOCALIZER (scout) image; 20 images: another stack ...``."""
+    return "; ".join(e.describe() for e in excluded)
 
 
 def _sort_and_check(frames: list[_Frame], orientation: np.ndarray, min_slices: int) -> float:
@@ -379,6 +584,7 @@ def load_volume(
     *,
     min_slices: int = 2,
     buffer: VolumeBuffer | None = None,
+    stack: StackChoice | None = None,
 ) -> Volume:
     """Load one DICOM image series as a float32 volume in source geometry.
 
@@ -392,6 +598,9 @@ def load_volume(
         Memory to load into, reused between calls (see :class:`VolumeBuffer`):
         the returned volume's array is then only valid until the next call
         with the same buffer. Default: a new array.
+    stack
+        Which stack of the series to load (see :class:`StackChoice`); default:
+        the largest consistent one. The others are reported in ``excluded``.
 
     Returns
     -------
@@ -403,8 +612,11 @@ def load_volume(
     Raises
     ------
     VolumeError
-        When the files are not one coherent, regularly sampled image stack.
+        When no stack of the series is left, or the chosen one is not a
+        coherent, regularly sampled image stack.
     """
+    choice = stack or StackChoice()
+    excluded: list[tuple[str, str]] = []  # (SOP Instance UID, reason)
     files = _files(paths)
     frames: list[_Frame] = []
     series_uid = study_uid = for_uid = modality = None
@@ -440,7 +652,12 @@ def load_volume(
             )
         elif str(ds.get("FrameOfReferenceUID", "")) != for_uid:
             raise VolumeError(f"{path.name}: different Frame of Reference UID within the series")
-        file_frames = _header_frames(path, ds)
+        try:
+            file_frames = _header_frames(path, ds)
+        except _Excluded as why:
+            excluded.append((str(ds.get("SOPInstanceUID", "") or path.name), str(why)))
+            del ds
+            continue
         pixels, shift = _pixels(path, ds, len(file_frames))
         in_buffer = isinstance(ds, FastDataset)  # pixels are a view of the reused buffer
         del ds
@@ -461,13 +678,39 @@ def load_volume(
             raw[path] = (pixels.copy() if in_buffer else pixels, shift)
         frames.extend(file_frames)
         del pixels
+    if not frames:
+        raise VolumeError("no image of the series can be part of a volume: "
+                          + describe_exclusions(_merge(excluded)))
+    stacks = _stacks(frames, by_acquisition=choice.split_by == "acquisition")
+    used = _choose(stacks, choice)
+    for other in stacks:
+        if other is not used:
+            reason = _why_not(other, used)
+            excluded.extend((f.sop_instance_uid, reason) for f in other.frames)
+    frames = used.frames
+    left_out = _merge(excluded)
+    if len(frames) < min_slices and left_out:
+        raise VolumeError(
+            f"{len(frames)} usable frame(s) cannot be a volume (need at least {min_slices}); "
+            f"left out: {describe_exclusions(left_out)}")
     orientation = _check_same(frames)
-    slice_spacing = _sort_and_check(frames, orientation, min_slices)
+    try:
+        slice_spacing = _sort_and_check(frames, orientation, min_slices)
+    except VolumeError as exc:
+        if not left_out:
+            raise
+        raise VolumeError(f"{exc}; left out of the stack: "
+                          f"{describe_exclusions(left_out)}") from exc
 
     ref = frames[0]
     shape = (len(frames), ref.rows, ref.columns)
-    if volume is not None and not raw and volume.shape == shape:
-        _permute_slices(volume, [f.slot for f in frames])  # type: ignore[misc]
+    if volume is not None and all(f.slot is not None for f in frames):
+        # The chosen slices first, in their order along the normal; the slots of
+        # left-out frames (and unused ones) after them, then cut off.
+        src: list[int] = [f.slot for f in frames if f.slot is not None]
+        taken = set(src)
+        _permute_slices(volume, src + [k for k in range(len(volume)) if k not in taken])
+        volume = volume[:len(frames)]
     else:  # a series mixing single- and multi-frame files, or multi-frame only
         # (the slices placed so far are copied out of the buffer before it is reused)
         placed_slices = volume[:placed].copy() if volume is not None else None
@@ -506,4 +749,6 @@ def load_volume(
         frame_of_reference_uid=for_uid or "",
         modality=modality or "",
         paths=tuple(dict.fromkeys(f.path for f in frames)),
+        excluded=left_out,
+        plane=plane_of(orientation),
     )

@@ -13,7 +13,8 @@ atomic on both backends:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,27 @@ from dicomnode.domain import Job, JobState, OutputObject
 from dicomnode.errors import StoreError
 from dicomnode.store._common import aware, jobs, outputs, seconds
 from dicomnode.store.retry import RetryStrategy
+
+
+def _json(text: str | None, default: Any) -> Any:
+    if not text:
+        return default
+    try:
+        return json.loads(text)
+    except ValueError:  # written by this module only; a damaged value is shown as nothing
+        return default
+
+
+def _log_entry(job: Any, error: str, transient: bool, now: datetime) -> str:
+    """``attempt_log`` with one more failed attempt of ``job`` appended (JSON)."""
+    log = _json(job.attempt_log, [])
+    log.append({"attempt": job.attempts, "at": now.isoformat(timespec="seconds"),
+                "error": error[:4000], "transient": transient, "worker": job.worker_id})
+    return json.dumps(log[-50:])  # a job retried forever keeps its last 50 attempts
+
+
+#: ``superseded_state`` of a job that finished while superseded (results not sent).
+UNSENT = "done-unsent"
 
 
 def row_to_job(r: Any) -> Job:
@@ -41,6 +63,8 @@ def row_to_job(r: Any) -> Job:
         last_error=r.last_error,
         created_at=aware(r.created_at),
         updated_at=aware(r.updated_at),
+        attempt_log=tuple(_json(r.attempt_log, [])),
+        notes=_json(r.notes, {}),
     )
 
 
@@ -81,7 +105,7 @@ def enqueue(conn: Connection, *, series_version_id: int, study_uid: str, series_
     conn.execute(update(jobs).where(older, jobs.c.state.in_(
         [JobState.PENDING.value, JobState.FAILED.value, JobState.DONE.value]))
         .values(state=JobState.SUPERSEDED.value, superseded_by=new_id, updated_at=now,
-                lease_until=None))
+                lease_until=None, superseded_state=jobs.c.state))
     conn.execute(update(jobs).where(older).values(superseded_by=new_id, updated_at=now))
     return get(conn, int(new_id))
 
@@ -113,9 +137,16 @@ def claim(conn: Connection, *, worker_id: str, lease_seconds: float, max_attempt
         job_id = conn.execute(q).scalar()
         if job_id is None:
             return None
+        row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        extra: dict[str, Any] = {}
+        if row is not None and row.state == JobState.RUNNING.value:
+            # Reclaimed: the previous attempt's worker stopped renewing its lease.
+            extra["attempt_log"] = _log_entry(
+                row, f"lease expired: worker {row.worker_id} stopped (crashed or killed)",
+                True, now)
         res = conn.execute(update(jobs).where(jobs.c.id == job_id, _claimable(now)).values(
             state=JobState.RUNNING.value, attempts=jobs.c.attempts + 1, worker_id=worker_id,
-            lease_until=now + seconds(lease_seconds), updated_at=now, not_before=None))
+            lease_until=now + seconds(lease_seconds), updated_at=now, not_before=None, **extra))
         if res.rowcount == 1:
             return get(conn, job_id)
     return None  # pragma: no cover - only under pathological contention
@@ -157,20 +188,71 @@ def record_outputs(conn: Connection, job_id: int, objs: Iterable[OutputObject], 
             kind=o.kind, path=str(rel), created_at=now))
 
 
-def finish(conn: Connection, *, job_id: int, worker_id: str, now: datetime) -> JobState:
-    """Mark a running job done (or superseded if a newer version's job exists)."""
+def finish(conn: Connection, *, job_id: int, worker_id: str, now: datetime,
+           notes: Mapping[str, Any] | None = None) -> JobState:
+    """Mark a running job done (or superseded if a newer version's job exists).
+
+    ``last_error`` is cleared: the errors of earlier attempts stay in the
+    attempt log, not as the error of a job that succeeded.
+    """
     _owned(conn, job_id, worker_id)
     state = JobState.SUPERSEDED if superseded_by(conn, job_id) is not None else JobState.DONE
     conn.execute(update(jobs).where(jobs.c.id == job_id).values(
-        state=state.value, finished_at=now, updated_at=now, lease_until=None))
+        state=state.value, finished_at=now, updated_at=now, lease_until=None, last_error=None,
+        notes=json.dumps(dict(notes)) if notes else None,
+        # Finished after a newer version existed: its deliveries were not queued, so
+        # it must not become current again (see handed_back_to).
+        superseded_state=UNSENT if state is JobState.SUPERSEDED else None))
     return state
 
 
+def handed_back_to(conn: Connection, *, job_id: int) -> Job | None:
+    """The job whose result stays current if job ``job_id`` is skipped, or ``None``.
+
+    That is the newest earlier version's job of the same series that succeeded:
+    superseded by this job after it was done (and its results queued), or done
+    and current (this job was skipped before and is run again). A job that
+    finished only after this one existed queued no deliveries: it is not
+    handed back to, and this job runs.
+    """
+    job = get(conn, job_id)
+    r = conn.execute(select(jobs).where(
+        jobs.c.series_uid == job.series_uid, jobs.c.series_version < job.series_version,
+        or_(and_(jobs.c.superseded_by == job_id,
+                 jobs.c.superseded_state == JobState.DONE.value),
+            and_(jobs.c.state == JobState.DONE.value, jobs.c.superseded_by.is_(None))),
+    ).order_by(jobs.c.series_version.desc()).limit(1)).first()
+    return None if r is None else row_to_job(r)
+
+
+def skip(conn: Connection, *, job_id: int, worker_id: str, reason: str,
+         notes: Mapping[str, Any], now: datetime) -> Job:
+    """End a running job ``skipped`` (nothing to do, ``reason`` in its notes).
+
+    The job it superseded after success becomes current again (``done``, no
+    ``superseded_by``): a version that brought only images the loader leaves
+    out does not replace a good result with nothing.
+    """
+    _owned(conn, job_id, worker_id)
+    body = dict(notes)
+    body["skipped"] = reason[:4000]
+    conn.execute(update(jobs).where(jobs.c.id == job_id).values(
+        state=JobState.SKIPPED.value, finished_at=now, updated_at=now, lease_until=None,
+        last_error=None, notes=json.dumps(body)))
+    conn.execute(update(jobs).where(
+        jobs.c.superseded_by == job_id, jobs.c.superseded_state == JobState.DONE.value,
+    ).values(state=JobState.DONE.value, superseded_by=None, superseded_state=None,
+             updated_at=now))
+    return get(conn, job_id)
+
+
 def fail(conn: Connection, *, job_id: int, worker_id: str, reason: str, transient: bool,
-         strategy: RetryStrategy, now: datetime) -> Job:
+         strategy: RetryStrategy, now: datetime, notes: Mapping[str, Any] | None = None) -> Job:
     """Fail a running job: back to pending at the ``strategy``'s next attempt time, or
-    ``failed`` (``superseded`` if a newer version's job exists)."""
+    ``failed`` (``superseded`` if a newer version's job exists). The attempt and
+    its error are appended to the job's attempt log."""
     job = _owned(conn, job_id, worker_id)
+    row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
     decision = strategy.decide(attempts=job.attempts, now=now, transient=transient)
     superseded = superseded_by(conn, job_id) is not None
     if decision.retry_at is not None and not superseded:
@@ -181,8 +263,13 @@ def fail(conn: Connection, *, job_id: int, worker_id: str, reason: str, transien
             reason = f"{reason} ({decision.reason})"
         final = JobState.SUPERSEDED if superseded else JobState.FAILED
         values = dict(state=final.value, finished_at=now, lease_until=None)
+        if superseded:
+            values["superseded_state"] = JobState.FAILED.value
+    if notes:
+        values["notes"] = json.dumps(dict(notes))
     conn.execute(update(jobs).where(jobs.c.id == job_id).values(
-        last_error=reason[:4000], updated_at=now, **values))
+        last_error=reason[:4000], updated_at=now,
+        attempt_log=_log_entry(row, reason, transient, now), **values))
     return get(conn, job_id)
 
 

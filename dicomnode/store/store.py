@@ -27,7 +27,7 @@ import enum
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -422,12 +422,15 @@ class Store:
             lease_seconds=lease_seconds or self.settings.worker.lease_seconds, now=now))
 
     def finish_job(self, job_id: int, worker_id: str, outputs: Iterable[OutputObject] = (),
-                   deliveries: Iterable[NewDelivery] = ()) -> Job:
+                   deliveries: Iterable[NewDelivery] = (),
+                   notes: Mapping[str, Any] | None = None) -> Job:
         """Finish a running job: record its outputs and queue its deliveries, atomically.
 
         If a newer version of the series has a job already, this job ends
         ``superseded`` and its deliveries are not queued (the newer job's results
         cover the whole series). Raises :class:`StoreError` if the lease was lost.
+        ``notes`` (images left out, models refused) are kept with the job; its
+        ``last_error`` is cleared (earlier attempts stay in its attempt log).
         """
         now = self.now()
         outs = list(outputs)
@@ -436,7 +439,8 @@ class Store:
         def tx(conn: Connection) -> Job:
             if outs:
                 queue.record_outputs(conn, job_id, outs, self.root, now)
-            state = queue.finish(conn, job_id=job_id, worker_id=worker_id, now=now)
+            state = queue.finish(conn, job_id=job_id, worker_id=worker_id, now=now,
+                                 notes=notes)
             if state is JobState.DONE:
                 for d in dels:
                     self._add_delivery(conn, job_id, d, now)
@@ -474,7 +478,8 @@ class Store:
         """``retry_deadline_seconds`` of the destination or notification target so named."""
         return self.retry_strategy(destination).deadline_from(now)
 
-    def fail_job(self, job_id: int, worker_id: str, reason: str, *, transient: bool) -> Job:
+    def fail_job(self, job_id: int, worker_id: str, reason: str, *, transient: bool,
+                 notes: Mapping[str, Any] | None = None) -> Job:
         """Fail a running job. Transient failures go back to pending after exponential
         backoff (``worker.backoff_base_seconds`` doubling, capped at
         ``worker.backoff_max_seconds``) until ``worker.max_attempts``; then, or
@@ -483,7 +488,23 @@ class Store:
         now = self.now()
         return self._tx(lambda c: queue.fail(
             c, job_id=job_id, worker_id=worker_id, reason=reason, transient=transient,
-            strategy=self._job_retry, now=now), attempts=3)
+            strategy=self._job_retry, now=now, notes=notes), attempts=3)
+
+    def skip_job(self, job_id: int, worker_id: str, reason: str,
+                 notes: Mapping[str, Any] | None = None) -> Job:
+        """End a running job ``skipped``: nothing to do, for ``reason`` (kept in its notes).
+
+        The earlier version's job it superseded after success is current again
+        (see :func:`dicomnode.store.queue.skip`).
+        """
+        now = self.now()
+        return self._tx(lambda c: queue.skip(c, job_id=job_id, worker_id=worker_id,
+                                             reason=reason, notes=notes or {}, now=now),
+                        attempts=3)
+
+    def job_handed_back_to(self, job_id: int) -> Job | None:
+        """The earlier, successful job that stays current if ``job_id`` is skipped."""
+        return self._read(lambda c: queue.handed_back_to(c, job_id=job_id))
 
     def retry_job(self, job_id: int) -> Job:
         now = self.now()

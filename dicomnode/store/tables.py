@@ -137,6 +137,12 @@ class JobRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # JSON list: one entry per failed attempt ({attempt, at, error, transient}), oldest first.
+    attempt_log: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # JSON object: excluded images, refused models, why the job was skipped.
+    notes: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The state the job had when a newer version superseded it (done | failed | pending...).
+    superseded_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class JobOutput(Base):

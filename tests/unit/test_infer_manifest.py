@@ -89,6 +89,13 @@ def test_good_manifest_loads(tmp_path: Path) -> None:
      "measurements[0].labels: unknown label value(s) [7]"),
     ("colour", "red", "colour: unknown key"),
     ("input.spacingg", [1, 1, 1], "input.spacingg: unknown key"),
+    ("input.stack", {"select": "first"}, "input.stack.split_by: is required"),
+    ("input.stack", {"split_by": "phase"}, "input.stack.split_by: 'phase' is not one of"),
+    ("input.stack", {"split_by": "echo", "select": "newest"},
+     "input.stack.select: 'newest': use largest, first, last or a number"),
+    ("input.stack", {"split_by": "orientation", "select": "first"},
+     "input.stack.select: 'first': for orientation use largest or one of"),
+    ("applies_to.planes", ["transverse"], "applies_to.planes: 'transverse' is not one of"),
 ])
 def test_validation_errors_name_file_and_key(tmp_path: Path, path: str, value: Any,
                                              expected: str) -> None:
@@ -132,6 +139,29 @@ def test_applies_to() -> None:
     assert not ok and "series description" in why
     reg = ModelRegistry(SHIPPED_MODELS_DIR)
     assert reg.applicable("CT", "CHEST", "Thorax") == ["ct-tissue"]
+
+
+def test_hard_constraints_and_soft_hints(tmp_path: Path) -> None:
+    brain = load_manifest(SHIPPED_MODELS_DIR / "deepbet-brain")
+    # A routed model: only the hard constraints are checked.
+    assert brain.refusal("MR", 140) is None  # no description, no body part: not asked
+    r = brain.refusal("CT", 140)
+    assert r is not None and r.hard and r.constraint == "applies_to.modalities"
+    r = brain.refusal("MR", 12)
+    assert r is not None and r.constraint == "applies_to.min_slices"
+    assert str(r) == ("hard constraint applies_to.min_slices: 12 slice(s), the model needs "
+                      "at least 20")
+    # The embedded default passes the hints too.
+    r = brain.refusal("MR", 140, series_description="GEOM a_axial_inf2sup", body_part="")
+    assert r is not None and not r.hard and r.constraint == "applies_to.series_description"
+    # Planes: from ImageOrientationPatient, and into the loader's stack choice.
+    data = _with("applies_to.planes", ["axial"])
+    data["input"]["stack"] = {"split_by": "echo", "select": 2}
+    m = load_manifest(_write(tmp_path, data))
+    assert m.refusal("CT", 10, [1, 0, 0, 0, 1, 0]) is None
+    r = m.refusal("CT", 10, [1, 0, 0, 0, 0, -1])
+    assert r is not None and r.constraint == "applies_to.planes" and "coronal" in r.reason
+    assert (m.stack.split_by, m.stack.select, m.stack.planes) == ("echo", "2", ("axial",))
 
 
 def test_sha256_mismatch_refuses_to_load(tmp_path: Path) -> None:

@@ -43,7 +43,8 @@ def config(tmp_path: Path) -> Path:
 def series_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("series")
     arr = np.zeros((3, 8, 8), np.float32)
-    write_series(arr, d / "mr", modality="MR", series_description="Sag T1 MPRAGE")
+    write_series(np.zeros((24, 8, 8), np.float32), d / "mr", modality="MR",
+                 series_description="Sag T1 MPRAGE")
     write_series(arr, d / "ct", modality="CT", series_number=2)
     (d / "notes.txt").write_text("not DICOM")
     return d
@@ -132,6 +133,30 @@ def test_no_rules_names_the_models_that_apply(tmp_path: Path, series_dir: Path,
     mr = next(b for b in out.split(str(series_dir))[1:] if "modality MR" in b)
     ct = next(b for b in out.split(str(series_dir))[1:] if "modality CT" in b)
     assert "no routing rules configured" in mr and "-> deepbet-brain" in mr
+    assert "model deepbet-brain: runs (24 frame(s))" in mr
+    assert "model ct-tissue: refused by hard constraint applies_to.modalities" in mr
     assert "-> ct-tissue" in ct
+    assert "model deepbet-brain: refused by hard constraint applies_to.modalities" in ct
     assert main(["-c", str(cfg), "routes", "check"]) == 0
     assert "ct-tissue, deepbet-brain" in capsys.readouterr().out
+
+
+def test_explain_names_the_constraint_that_refuses_a_routed_model(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A route names deepbet-brain: the description hint does not matter, the hard
+    # constraints (modality, slices) do.
+    d = tmp_path / "s"
+    write_series(np.zeros((24, 8, 8), np.float32), d / "geom", modality="MR",
+                 series_description="GEOM a_axial_inf2sup")
+    write_series(np.zeros((5, 8, 8), np.float32), d / "short", modality="MR",
+                 series_description="t1 short")
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(yaml.safe_dump({"routes": [
+        {"name": "brain", "when": {"Modality": "MR"}, "models": ["deepbet-brain"]}]}))
+    assert main(["-c", str(cfg), "routes", "explain", str(d)]) == 0
+    out = capsys.readouterr().out
+    geom = next(b for b in out.split(str(d))[1:] if "GEOM" in b)
+    short = next(b for b in out.split(str(d))[1:] if "t1 short" in b)
+    assert "model deepbet-brain: runs (24 frame(s))" in geom
+    assert ("model deepbet-brain: refused by hard constraint applies_to.min_slices: "
+            "5 slice(s), the model needs at least 20") in short

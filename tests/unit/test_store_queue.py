@@ -241,3 +241,83 @@ def test_delivery_retries_until_deadline(tmp_path: Path, db_url: str) -> None:
         clock.advance(6)
         (again,) = store.claim_deliveries("pacs", "disp")
         assert again.id == lost.id and again.attempts == 2
+
+
+def test_attempt_log_kept_and_last_error_cleared_on_success(tmp_path: Path, db_url: str) -> None:
+    clock = Clock()
+    with _open(tmp_path, db_url, clock, worker={"lease_seconds": 5}) as store:
+        job = store.enqueue(_series(store, tmp_path))
+        store.claim_job("w1")
+        store.fail_job(job.id, "w1", "database is locked", transient=True)
+        clock.advance(10)
+        assert store.claim_job("crashed", lease_seconds=5).id == job.id
+        clock.advance(6)  # the second worker dies: its lease expires, w3 reclaims
+        assert store.claim_job("w3").attempts == 3
+        failing = store.get_job(job.id)
+        assert failing.last_error == "database is locked"
+        done = store.finish_job(job.id, "w3", notes={"excluded": [{"reason": "scout"}]})
+        assert done.state is JobState.DONE and done.last_error is None
+        assert done.notes == {"excluded": [{"reason": "scout"}]}
+        log = done.attempt_log
+        assert [(e["attempt"], e["transient"], e["worker"]) for e in log] == [
+            (1, True, "w1"), (2, True, "crashed")]
+        assert log[0]["error"] == "database is locked"
+        assert "lease expired: worker crashed stopped" in str(log[1]["error"])
+        assert log[0]["at"] == T0.replace(tzinfo=None).isoformat(timespec="seconds")
+
+
+def test_skipped_version_hands_the_series_back(tmp_path: Path, db_url: str) -> None:
+    clock = Clock()
+    with _open(tmp_path, db_url, clock) as store:
+        study, series = generate_uid(), generate_uid()
+
+        def send(i: int) -> None:
+            p = make_instance(tmp_path / f"s{i}.dcm", study_uid=study, series_uid=series,
+                              instance_number=i)
+            store.ingest(read_meta(p.read_bytes()), p.read_bytes())
+
+        send(1)
+        v1 = store.enqueue(series)
+        store.claim_job("w")
+        store.finish_job(v1.id, "w")
+        send(2)
+        v2 = store.enqueue(series)
+        assert store.get_job(v1.id).state is JobState.SUPERSEDED
+        assert store.job_handed_back_to(v2.id).id == v1.id  # type: ignore[union-attr]
+        store.claim_job("w")
+        skipped = store.skip_job(v2.id, "w", "only a scout", {"excluded": []})
+        assert skipped.state is JobState.SKIPPED and skipped.notes["skipped"] == "only a scout"
+        back = store.get_job(v1.id)
+        assert back.state is JobState.DONE and store.job_superseded_by(v1.id) is None
+        # Run again (jobs retry): the same earlier result is found.
+        store.retry_job(v2.id)
+        assert store.job_handed_back_to(v2.id).id == v1.id  # type: ignore[union-attr]
+        # Version 3 brings a real image but fails; version 4 is not skipped: the
+        # result before it (v1) no longer covers what v3 brought.
+        send(3)
+        v3 = store.enqueue(series)
+        assert store.job_superseded_by(v1.id) == v3.id
+        store.claim_job("w")
+        store.fail_job(v3.id, "w", "bad", transient=False)
+        send(4)
+        v4 = store.enqueue(series)
+        assert store.get_job(v3.id).state is JobState.SUPERSEDED
+        assert store.job_handed_back_to(v4.id) is None
+
+
+def test_a_job_finished_while_superseded_is_not_handed_back_to(tmp_path: Path,
+                                                              db_url: str) -> None:
+    clock = Clock()
+    with _open(tmp_path, db_url, clock) as store:
+        study, series = generate_uid(), generate_uid()
+        for i in (1, 2):
+            p = make_instance(tmp_path / f"s{i}.dcm", study_uid=study, series_uid=series,
+                              instance_number=i)
+            store.ingest(read_meta(p.read_bytes()), p.read_bytes())
+            if i == 1:
+                v1 = store.enqueue(series)
+                store.claim_job("w")
+        v2 = store.enqueue(series)
+        # v1 ends after v2 exists: superseded, its deliveries never queued.
+        assert store.finish_job(v1.id, "w").state is JobState.SUPERSEDED
+        assert store.job_handed_back_to(v2.id) is None
