@@ -60,7 +60,7 @@ _known_dirs: set[str] = set()
 _known_dirs_lock = threading.Lock()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -101,7 +101,7 @@ def ensure_dir(path: Path, *, fsync: bool = True) -> None:
                 raise NotADirectoryError(errno.ENOTDIR, "not a folder (cannot store under it)",
                                          str(d)) from None
         if fsync:
-            _fsync_dir(d.parent)
+            fsync_dir(d.parent)
     with _known_dirs_lock:
         _known_dirs.add(key)
 
@@ -177,7 +177,7 @@ def commit_temp(tmp: Path, path: Path, *, fsync: bool = True) -> None:
         remove_quietly(tmp)
         raise
     if fsync:
-        _fsync_dir(Path(path).parent)
+        fsync_dir(Path(path).parent)
 
 
 def atomic_write(path: Path, chunks: bytes | Sequence[bytes | bytearray], *,
@@ -194,6 +194,20 @@ def free_mb(path: Path) -> float:
     while not p.exists() and p != p.parent:
         p = p.parent
     return shutil.disk_usage(p).free / (1024 * 1024)
+
+
+def list_instance_files(root: Path) -> list[Path]:
+    """The received instance files (``*.dcm``) under ``root``, outputs excluded;
+    read-only (temporary files of C-STOREs in progress are left alone)."""
+    found: list[Path] = []
+    outputs_dir = root / "outputs"
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        if d == outputs_dir:
+            dirnames[:] = []
+            continue
+        found.extend(d / n for n in filenames if n.endswith(INSTANCE_SUFFIX))
+    return found
 
 
 def scan_instances(root: Path) -> tuple[list[Path], int]:

@@ -50,7 +50,7 @@ from dicomnode.domain import (
 )
 from dicomnode.errors import InvalidInstanceError, StoreError
 from dicomnode.logs import kv
-from dicomnode.store import catalog, db, files, outbox, queue
+from dicomnode.store import catalog, db, files, maintenance, outbox, queue
 from dicomnode.store import series as series_mod
 from dicomnode.store._common import naive, seconds, utcnow
 from dicomnode.store.catalog import StudySummary
@@ -277,6 +277,15 @@ class Store:
                 study_uid=meta.study_uid, series_uid=meta.series_uid, version=rec.version,
                 job_id=rec.job.id))
         return IngestResult(outcome, self._ref(meta, rel), rec.version, rec.job), rec.replaced_path
+
+    def backup(self, dest: Path, *, overwrite: bool = False,
+               progress: Callable[[int, int], None] | None = None) -> maintenance.BackupReport:
+        """Online backup of the SQLite database to ``dest`` (``dicomnode db backup``)."""
+        return maintenance.backup(self.engine, dest, overwrite=overwrite, progress=progress)
+
+    def check(self) -> maintenance.CheckReport:
+        """Read-only consistency check of rows and files (``dicomnode db check``)."""
+        return self._read(lambda conn: maintenance.check(conn, self.root))
 
     def reconcile(self) -> ReconcileReport:
         """Make rows and files agree after a crash (run before receiving).
