@@ -5,7 +5,7 @@
     claim due deliveries of a destination -> one association per batch (C-STORE SCU)
         -> done | retry with backoff | failed (with the peer's status) after the deadline
 
-Notifications (webhook / HL7) are outbox rows too: claimed the same way, sent one
+Notifications (webhook / HL7 / FHIR) are outbox rows too: claimed the same way, sent one
 by one (:mod:`dicomnode.dispatch.notify`), and their outcome recorded by the same
 :meth:`Dispatcher._record` as a C-STORE's. Any number of dispatchers may share a
 database: deliveries are claimed atomically with a lease.
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dicomnode.config import DestinationConfig, NotificationConfig, Settings
+from dicomnode.dispatch.fhir import send_fhir
 from dicomnode.dispatch.notify import ResultSummary, notify
 from dicomnode.dispatch.scu import AssociationFailed, FileOutcome, OutcomeState, store_files
 from dicomnode.domain import Delivery, DeliveryState, WakeSignal, worker_identity
@@ -111,7 +112,8 @@ class Dispatcher:
         return rep
 
     def notify(self, target: NotificationConfig, claimed: Sequence[Delivery]) -> DispatchReport:
-        """Send each claimed notification (webhook POST or HL7 ORU^R01) and record it.
+        """Send each claimed notification (webhook POST, HL7 ORU^R01 or FHIR transaction
+        Bundle) and record it.
 
         Failures follow the C-STORE rules: transient ones (5xx/408/429,
         timeouts, refused connections, HL7 ``AE``) go back to ``pending`` with
@@ -128,7 +130,10 @@ class Dispatcher:
                     raise DispatchError(f"notification {target.name}: queued as {d.kind}, "
                                         f"configured as {target.kind}", transient=False)
                 summary = ResultSummary.from_json(json.loads(d.payload or "{}"))
-                status = notify(target, summary, d.sop_instance_uid)
+                if target.kind == "fhir":
+                    status = send_fhir(target, summary, d.sop_instance_uid)
+                else:
+                    status = notify(target, summary, d.sop_instance_uid)
                 ok = True
             except DispatchError as exc:
                 ok, err, transient, status = False, str(exc), exc.transient, exc.status

@@ -19,10 +19,13 @@ from tests.support.peers import free_port
 class _Hook(BaseHTTPRequestHandler):
     status = 200
     bodies: list[tuple[dict[str, str], Any]] = []
+    raw: list[bytes] = []
 
     def do_POST(self) -> None:  # noqa: N802 - http.server API
         length = int(self.headers["Content-Length"])
-        body = json.loads(self.rfile.read(length))
+        data = self.rfile.read(length)
+        type(self).raw.append(data)
+        body = json.loads(data)
         type(self).bodies.append((dict(self.headers), body))
         self.send_response(type(self).status)
         self.end_headers()
@@ -43,13 +46,18 @@ class HookServer:
     def bodies(self) -> list[tuple[dict[str, str], Any]]:
         return self._handler.bodies
 
+    @property
+    def raw(self) -> list[bytes]:
+        """The request bodies as received (bytes), e.g. to check a signature."""
+        return self._handler.raw
+
     def answer(self, status: int) -> None:
         self._handler.status = status
 
 
 @contextlib.contextmanager
 def webhook_server(status: int = 200) -> Iterator[HookServer]:
-    handler = type("Hook", (_Hook,), {"status": status, "bodies": []})
+    handler = type("Hook", (_Hook,), {"status": status, "bodies": [], "raw": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
