@@ -25,6 +25,7 @@ from dicomnode.config import DestinationConfig, NotificationConfig, Settings
 from dicomnode.dispatch.fhir import send_fhir
 from dicomnode.dispatch.notify import ResultSummary, notify
 from dicomnode.dispatch.scu import AssociationFailed, FileOutcome, OutcomeState, store_files
+from dicomnode.dispatch.stow import stow_files
 from dicomnode.domain import Delivery, DeliveryState, WakeSignal, worker_identity
 from dicomnode.errors import DispatchError, StoreError
 from dicomnode.logs import kv
@@ -86,16 +87,21 @@ class Dispatcher:
         return reports
 
     def send(self, dest: DestinationConfig, claimed: Sequence[Delivery]) -> DispatchReport:
-        """C-STORE ``claimed`` to ``dest`` and record each delivery's outcome."""
+        """C-STORE (``kind: dicom``) or STOW-RS (``kind: dicomweb``) ``claimed`` to ``dest``
+        and record each delivery's outcome."""
         node = self.settings.node
         rep = DispatchReport(dest.name)
         t0 = time.perf_counter()
         try:
-            result = store_files(dest, [d.path for d in claimed], calling_ae_title=node.ae_title,
-                                 acse_timeout=node.acse_timeout,
-                                 dimse_timeout=node.dimse_timeout,
-                                 network_timeout=node.network_timeout)
-            outcomes, rep.associations = result.outcomes, result.associations
+            if dest.kind == "dicomweb":
+                outcomes = stow_files(dest, [d.path for d in claimed])
+            else:
+                result = store_files(dest, [d.path for d in claimed],
+                                     calling_ae_title=node.ae_title,
+                                     acse_timeout=node.acse_timeout,
+                                     dimse_timeout=node.dimse_timeout,
+                                     network_timeout=node.network_timeout)
+                outcomes, rep.associations = result.outcomes, result.associations
         except AssociationFailed as exc:
             outcomes = exc.outcomes
             rep.associations = 1
@@ -108,7 +114,7 @@ class Dispatcher:
             self._record(rep, d, "delivery", ok=o.ok, status=o.status,
                          error=o.message or f"status {o.status_hex}", transient=o.transient,
                          sop_instance_uid=d.sop_instance_uid, peer_status=o.status_hex)
-        self._summary(rep, "dispatched", t0, associations=rep.associations)
+        self._summary(rep, "dispatched", t0, kind=dest.kind, associations=rep.associations)
         return rep
 
     def notify(self, target: NotificationConfig, claimed: Sequence[Delivery]) -> DispatchReport:
