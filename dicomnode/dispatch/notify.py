@@ -343,10 +343,12 @@ def build_oru(cfg: NotificationConfig, summary: ResultSummary, control_id: str) 
     * TQ1-9 is the result priority: ``S`` (stat) when a finding is positive (its
       probability reached the manifest's threshold), else ``R`` (routine).
     * OBX-8 (abnormal flags) is ``A`` on a positive finding's OBX, ``N`` on a negative one.
-    * OBX-3 is coded where there is a code: a finding's concept from the manifest, a
-      measurement's SNOMED CT concept (Volume, Mean, ...); the node's local identifier
-      (``<label>.<name>``, coding system ``L``) follows as the alternate identifier. A value
-      without a code keeps the local identifier alone.
+    * OBX-3 is the node's identifier (``<label>.<name>``, coding system ``L``: unique
+      in the message, what receivers already key on), with the standard code as its
+      alternate identifier (CWE components 4-6) where there is one: a finding's concept
+      from the manifest, a measurement's SNOMED CT concept (Volume, Mean, ...).
+    * OBX-4 (sub-ID) groups the OBX of one segment, or of one finding, so the coded
+      alternates (the same Volume concept for every segment) stay distinguishable.
     """
     e = hl7_escape
     when = _ts(summary.completed_at)
@@ -369,26 +371,31 @@ def build_oru(cfg: NotificationConfig, summary: ResultSummary, control_id: str) 
         own = f"{e(local)}^{e(text)}^L"
         if code is None:
             return own
-        return f"{e(code.value)}^{e(text)}^{e(code.scheme)}^{own}"
+        return f"{own}^{e(code.value)}^{e(code.meaning)}^{e(code.scheme)}"
 
     def obx(kind: str, identifier: str, value: str, unit: str = "", ref: str = "",
-            flag: str = "") -> None:
+            flag: str = "", sub_id: str = "") -> None:
         nonlocal n
         n += 1
-        segments.append("|".join(["OBX", str(n), kind, identifier, "", value,
+        segments.append("|".join(["OBX", str(n), kind, identifier, sub_id, value,
                                   f"{e(unit)}^^UCUM" if unit else "", e(ref), flag, "",
                                   "", status, "", "", when]))
 
+    groups: dict[str, int] = {}
     for m in summary.measurements:
         local = f"{m.label}.{m.name}" if m.label else m.name
+        group = groups.setdefault(m.label, len(groups) + 1)
         obx("NM", ident(local, f"{m.label} {m.name}".strip(), MEASUREMENT_CODES.get(m.name)),
-            _num(m.value), m.unit)
+            _num(m.value), m.unit, sub_id=str(group))
     for f in summary.findings:
         flag = "A" if f.positive else "N"
+        group = len(groups) + 1
+        groups[f"finding:{f.name}"] = group
         obx("NM", ident(f"{f.name}.probability", f"{f.name} probability", f.code),
-            _num(f.probability), "1", ref=f"<{_num(f.threshold)}", flag=flag)
+            _num(f.probability), "1", ref=f"<{_num(f.threshold)}", flag=flag,
+            sub_id=str(group))
         obx("ST", ident(f"{f.name}.result", f"{f.name} result", f.code),
-            "POSITIVE" if f.positive else "NEGATIVE", flag=flag)
+            "POSITIVE" if f.positive else "NEGATIVE", flag=flag, sub_id=str(group))
     for o in summary.objects:
         kind = (o.kind or "dicom").upper()
         obx("ST", ident(f"DICOM.{kind}", f"DICOM {kind} object", None), e(o.sop_instance_uid))

@@ -128,17 +128,16 @@ def test_hl7_oru_is_acknowledged_and_parses(summary: ResultSummary) -> None:
     assert str(obr[25]) == "P"  # preliminary: an AI result nobody has verified yet
     assert str(msg.segment("TQ1")[9][0][0]) == "S"  # a positive finding: stat priority
 
-    def local_id(s: hl7.Segment) -> str:  # the node's own id: alternate when coded
-        cwe = s[3][0]
-        return str(cwe[3]) if len(cwe) > 3 and str(cwe[5]) == "L" else str(cwe[0])
-
-    obx = {local_id(s): s for s in msg.segments("OBX")}
+    obx = {str(s[3][0][0]): s for s in msg.segments("OBX")}
     vol = obx["brain.volume"]
     assert str(vol[5]) == "1234.5" and str(vol[2]) == "NM" and str(vol[6][0][0]) == "ml"
-    assert [str(c) for c in vol[3][0][:3]] == ["118565006", "brain volume", "SCT"]
+    assert [str(c) for c in vol[3][0][:6]] == ["brain.volume", "brain volume", "L",
+                                               "118565006", "Volume", "SCT"]
     prob, res = obx["bleed.probability"], obx["bleed.result"]
     assert str(prob[5]) == "0.82" and str(res[5]) == "POSITIVE"
-    assert [str(c) for c in res[3][0][:3]] == ["T-A0100", "bleed result", "SRT"]  # manifest
+    assert [str(c) for c in res[3][0][3:6]] == ["T-A0100", "Brain", "SRT"]  # the manifest's
+    assert str(vol[4]) == "1" and str(prob[4]) == str(res[4]) == "2"  # OBX-4 groups
+    assert str(obx["DICOM.SEG"][3][0][2]) == "L"  # no code: the local identifier alone
     assert str(prob[8]) == "A" and str(res[8]) == "A"  # OBX-8 abnormal flag
     assert msg.unescape(str(prob[7])) == "<0.5"
     assert {str(s[11]) for s in msg.segments("OBX")} == {"P"}
