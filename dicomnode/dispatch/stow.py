@@ -32,6 +32,7 @@ from typing import Any
 
 import pydicom
 import requests
+import requests.adapters
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 
@@ -60,9 +61,28 @@ def session_for(dest: DestinationConfig) -> requests.Session:
         session.auth = (dest.username, _secret(dest, dest.password_env, "password"))
     elif dest.auth == "bearer":
         session.headers["Authorization"] = f"Bearer {_secret(dest, dest.token_env, 'token')}"
-    session.verify = str(dest.ca_bundle) if dest.ca_bundle and dest.verify_tls else \
-        dest.verify_tls
+    if dest.ca_bundle is not None or not dest.verify_tls:
+        verify: bool | str = str(dest.ca_bundle) if dest.verify_tls else False
+        session.verify = verify
+        # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override a session's verify
+        # (psf/requests#3829): the adapter pins this destination's choice per request.
+        session.mount("https://", _PinnedVerify(verify))
     return session
+
+
+class _PinnedVerify(requests.adapters.HTTPAdapter):
+    """An HTTPS adapter that always verifies with the destination's setting."""
+
+    def __init__(self, verify: bool | str) -> None:
+        super().__init__()
+        self._verify = verify
+
+    def send(self, request: requests.PreparedRequest, stream: bool = False,
+             timeout: float | tuple[float | None, float | None] | None = None,
+             verify: bool | str = True, cert: str | tuple[str, str] | None = None,
+             proxies: dict[str, str] | None = None) -> requests.Response:
+        return super().send(request, stream=stream, timeout=timeout, verify=self._verify,
+                            cert=cert, proxies=proxies)
 
 
 def client_for(dest: DestinationConfig) -> DICOMwebClient:

@@ -5,6 +5,7 @@ unreadable file (permanent), the Failed SOP Sequence of Orthanc's own 409 answer
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,12 @@ from dicomnode.domain import DeliveryState, JobState
 from dicomnode.store import Store
 from dicomnode.worker import Worker
 from tests.support.infer_data import cranium_ct_series
-from tests.support.peers import ORTHANC_DICOMWEB_PLUGIN, orthanc_running
+from tests.support.peers import (
+    ORTHANC_DICOMWEB_PLUGIN,
+    orthanc_running,
+    self_signed_pem,
+    tls_proxy,
+)
 from tests.support.pipeline_env import ingest_series, pipeline_settings
 
 pytestmark = pytest.mark.skipif(not Path(ORTHANC_DICOMWEB_PLUGIN).exists(),
@@ -121,6 +127,26 @@ def test_basic_auth_and_wrong_password(tmp_path: Path, ct_small: Any,
         monkeypatch.delenv("DN_TEST_STOW_PW")
         unset = stow_files(dest, ct_small.paths[:1])
         assert not unset[0].transient and "DN_TEST_STOW_PW" in unset[0].message
+
+
+@pytest.mark.skipif(shutil.which("socat") is None, reason="apt-get install socat")
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+def test_tls_is_verified_by_default(tmp_path: Path, ct_small: Any) -> None:
+    pem = self_signed_pem(tmp_path / "tls")
+    with (orthanc_running(workdir=tmp_path / "orthanc", dicomweb=True) as pacs,
+          tls_proxy(pacs.http_port, pem) as tls_port):
+        web = f"https://127.0.0.1:{tls_port}/dicom-web"
+        default = DestinationConfig(name="web", kind="dicomweb", url=web)
+        (o,) = stow_files(default, ct_small.paths[:1])
+        assert o.state is OutcomeState.FAILED and not o.transient  # self-signed: refused
+        assert "TLS" in o.message
+        (o,) = stow_files(DestinationConfig(name="web", kind="dicomweb", url=web,
+                                            ca_bundle=pem), ct_small.paths[:1])
+        assert o.state is OutcomeState.STORED, o.message  # the in-house CA trusted
+        (o,) = stow_files(DestinationConfig(name="web", kind="dicomweb", url=web,
+                                            verify_tls=False), ct_small.paths[1:2])
+        assert o.state is OutcomeState.STORED, o.message  # explicitly switched off
+        assert len(pacs.get("/instances")) == 2
 
 
 def test_unreadable_file_fails_alone(tmp_path: Path, ct_small: Any) -> None:

@@ -178,6 +178,36 @@ def start_orthanc(
     raise TimeoutError("Orthanc did not start")
 
 
+def self_signed_pem(folder: Path) -> Path:
+    """A self-signed certificate for 127.0.0.1 and its key in one PEM file (openssl)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key, crt, pem = folder / "key.pem", folder / "crt.pem", folder / "server.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(crt)], check=True, capture_output=True)
+    pem.write_bytes(crt.read_bytes() + key.read_bytes())
+    return pem
+
+
+@contextlib.contextmanager
+def tls_proxy(target_port: int, pem: Path) -> Iterator[int]:
+    """HTTPS on a free port of 127.0.0.1, forwarded to plain ``target_port`` (socat's TLS
+    with ``pem``): Debian's Orthanc 1.10 crashes on its own HTTPS, so TLS tests put
+    this in front of it. Yields the TLS port."""
+    if shutil.which("socat") is None:
+        raise RuntimeError("socat not found: apt-get install socat")
+    port = free_port()
+    proc = subprocess.Popen(
+        ["socat", f"openssl-listen:{port},bind=127.0.0.1,reuseaddr,fork,cert={pem},verify=0",
+         f"tcp:127.0.0.1:{target_port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, timeout=10)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 @contextlib.contextmanager
 def orthanc_running(**kwargs: Any) -> Iterator[Orthanc]:
     o = start_orthanc(**kwargs)
