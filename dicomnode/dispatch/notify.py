@@ -281,6 +281,10 @@ def post_json(cfg: NotificationConfig, body: bytes, content_type: str,
                             transient=transient, status=exc.code) from None
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            # a certificate that does not verify will not verify on a retry either
+            raise DispatchError(f"{cfg.kind} {cfg.name}: TLS error talking to {cfg.url}: "
+                                f"{reason.verify_message or reason}", transient=False) from None
         raise DispatchError(f"{cfg.kind} {cfg.name}: cannot reach {cfg.url}: {reason}",
                             transient=True) from None
 

@@ -5,6 +5,7 @@ that validates every posted Bundle with the fhir.resources R4B models, and answe
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from tests.integration.test_dispatch_notify import summary  # noqa: F401 - the f
 from tests.support.fhir_peer import by_type as _by_type
 from tests.support.fhir_peer import fhir_endpoint
 from tests.support.infer_data import cranium_ct_series
+from tests.support.peers import self_signed_pem, tls_proxy
 from tests.support.pipeline_env import ingest_series, pipeline_settings
 
 # --------------------------------------------------------------------------- the Bundle
@@ -103,6 +105,21 @@ def test_server_answers_are_classified(summary: ResultSummary, status: int,  # n
             send_fhir(NotificationConfig(name="ehr", kind="fhir", url=ep.url), summary, "r")
     assert info.value.transient is transient and info.value.status == status
     assert "scenario answer" in str(info.value)  # the server's OperationOutcome is kept
+
+
+@pytest.mark.skipif(shutil.which("socat") is None, reason="apt-get install socat")
+def test_https_certificate_is_verified(summary: ResultSummary, tmp_path: Path) -> None:  # noqa: F811
+    pem = self_signed_pem(tmp_path / "tls")
+    with fhir_endpoint(201) as ep:
+        port = int(ep.url.split(":")[2].split("/")[0])
+        with tls_proxy(port, pem) as tls_port:
+            url = f"https://127.0.0.1:{tls_port}/fhir"
+            with pytest.raises(DispatchError, match="TLS error") as info:
+                send_fhir(NotificationConfig(name="ehr", kind="fhir", url=url), summary, "r")
+            assert not info.value.transient  # self-signed: refused, permanently
+            cfg = NotificationConfig(name="ehr", kind="fhir", url=url, verify_tls=False)
+            assert send_fhir(cfg, summary, "r") == 201
+    assert len(ep.bundles) == 1 and not ep.invalid
 
 
 def test_missing_token_variable_is_named(summary: ResultSummary) -> None:  # noqa: F811
