@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.device import Device
@@ -107,10 +108,12 @@ def _human_name(pn: str) -> list[dict[str, Any]]:
 
 
 def _query(system: str, value: str) -> str:
-    # FHIR search token: '|' separates system and code; escape ',', '$', '|' and '\'
+    """An ``ifNoneExist`` search: ``identifier=<system>|<value>``, the value escaped as a
+    FHIR search token (``\\`` before ``,``, ``$``, ``|``, ``\\``) and both URL-encoded
+    (a Patient ID may hold ``&`` or ``#``)."""
     esc = value.replace("\\", "\\\\").replace("|", "\\|").replace(",", "\\,").replace("$",
                                                                                     "\\$")
-    return f"identifier={system}|{esc}"
+    return f"identifier={quote(system, safe=':/')}|{quote(esc, safe='')}"
 
 
 def build_bundle(cfg: NotificationConfig, summary: ResultSummary,
@@ -143,7 +146,8 @@ def build_bundle(cfg: NotificationConfig, summary: ResultSummary,
     model = summary.model
     device_ids = [{"system": WEIGHTS_SYSTEM, "value": h} for h in model.weights_sha256]
     device_key = (_query(WEIGHTS_SYSTEM, model.weights_sha256[0]) if model.weights_sha256
-                  else f"device-name={model.name}&version={model.version}")
+                  else f"device-name={quote(model.name, safe='')}"
+                       f"&version={quote(model.version, safe='')}")
     device = Device.model_validate({
         "resourceType": "Device",
         "status": "active",

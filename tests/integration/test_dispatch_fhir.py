@@ -47,7 +47,9 @@ def test_bundle_is_valid_and_carries_the_result(summary: ResultSummary,  # noqa:
     assert pat["resource"]["identifier"][0] == {"use": "usual", "system": "urn:oid:1.2.3.4.mrn",
                                                 "value": "PID&1"}
     assert pat["resource"]["name"][0]["family"] == "Doe"
-    assert pat["request"]["ifNoneExist"] == "identifier=urn:oid:1.2.3.4.mrn|PID&1"
+    assert pat["request"]["ifNoneExist"] == "identifier=urn:oid:1.2.3.4.mrn|PID%261"  # '&'
+    dev_key = dev["request"]["ifNoneExist"]
+    assert dev_key == "device-name=deepbet-brain&version=1.0.2"  # no weights hash here
     report = rep["resource"]
     assert report["status"] == "preliminary"
     assert {c["code"] for c in report["category"][0]["coding"]} == {"RAD", "imaging"}
