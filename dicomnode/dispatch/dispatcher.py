@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -58,6 +59,26 @@ class Dispatcher:
         self.batch = batch
         self.lease_seconds = lease_seconds
         self._orphans_checked = 0.0
+        for key, var in self.unset_secrets():
+            log.warning("secret environment variable not set: its deliveries will fail until "
+                        "it is", extra=kv(setting=key, variable=var))
+
+    def unset_secrets(self) -> list[tuple[str, str]]:
+        """(setting, variable) of each secret named by an environment variable that is not
+        set in this process (told at start, not first at the next result)."""
+        out = []
+        for i, d in enumerate(self.settings.destinations):
+            for name in ("password_env", "token_env"):
+                var = getattr(d, name)
+                used = (d.auth == "basic") if name == "password_env" else (d.auth == "bearer")
+                if var and used and not os.environ.get(var):
+                    out.append((f"destinations[{i}].{name}", var))
+        for i, n in enumerate(self.settings.notifications):
+            for name in ("auth_token_env", "signing_secret_env"):
+                var = getattr(n, name)
+                if var and not os.environ.get(var):
+                    out.append((f"notifications[{i}].{name}", var))
+        return out
 
     def poll_once(self) -> list[DispatchReport]:
         """Send every due delivery once (batch by batch); the reports of this round."""

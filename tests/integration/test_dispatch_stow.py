@@ -216,3 +216,20 @@ def test_failure_and_warning_reasons_map_like_c_store() -> None:
     assert by["1.7"].state is OutcomeState.WARNING and by["1.7"].status == 0xB000
     assert by["1.8"].state is OutcomeState.FAILED and by["1.8"].transient  # not mentioned
     assert "0xA900" in by["1.2"].message
+
+
+def test_dispatcher_names_unset_secret_variables_at_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.delenv("DN_TEST_UNSET_TOKEN", raising=False)
+    monkeypatch.setenv("DN_TEST_SET_SECRET", "x")
+    settings = pipeline_settings(
+        tmp_path,
+        destinations=[{"name": "vna", "kind": "dicomweb", "url": "https://127.0.0.1:1/dw",
+                       "auth": "bearer", "token_env": "DN_TEST_UNSET_TOKEN"}],
+        notifications=[{"name": "dash", "kind": "webhook",  # type: ignore[arg-type]
+                        "url": "http://127.0.0.1:1/h", "signing_secret_env": "DN_TEST_SET_SECRET"}])
+    with Store.open(settings, migrate=True) as store, caplog.at_level("WARNING"):
+        disp = Dispatcher(settings, store)
+    assert disp.unset_secrets() == [("destinations[0].token_env", "DN_TEST_UNSET_TOKEN")]
+    assert any("secret environment variable not set" in r.getMessage() for r in caplog.records)
