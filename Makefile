@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-APT_PACKAGES := dcmtk orthanc dicom3tools mricron-data invesalius-examples podman runc debootstrap
+APT_PACKAGES := dcmtk orthanc orthanc-dicomweb socat dicom3tools mricron-data invesalius-examples podman runc debootstrap
 PYTEST_ARGS ?=
 
 .PHONY: setup setup-dev apt run test test-fast bench lint docs container-test clean

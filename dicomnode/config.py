@@ -215,17 +215,43 @@ class WorkerConfig:
 
 @dataclass(frozen=True)
 class DestinationConfig:
-    """A PACS (or any C-STORE SCP) that receives results or forwarded instances."""
+    """A PACS that receives results or forwarded instances: a C-STORE SCP (``kind: dicom``)
+    or a DICOMweb server (``kind: dicomweb``, STOW-RS)."""
 
     name: str
     """The name routing rules use in ``send:`` and ``forward:``. Allowed: distinct
     among destinations and from every notification name."""
-    ae_title: str
-    """The peer's AE title. Allowed: 1-16 printable ASCII characters, no backslash."""
-    host: str
-    """The peer's host name or address."""
-    port: int
-    """The peer's DICOM port. Allowed: 1-65535."""
+    kind: Literal["dicom", "dicomweb"] = "dicom"
+    """``dicom``: C-STORE over a DICOM association to ``ae_title``@``host``:``port``;
+    ``dicomweb``: STOW-RS (HTTP POST of multipart/related DICOM) to ``url``."""
+    ae_title: str = ""
+    """dicom: the peer's AE title. Allowed: for dicom, 1-16 printable ASCII characters,
+    no backslash."""
+    host: str = ""
+    """dicom: the peer's host name or address. Allowed: required for dicom."""
+    port: int = 0
+    """dicom: the peer's DICOM port. Allowed: for dicom, 1-65535."""
+    url: str = ""
+    """dicomweb: the DICOMweb service root, e.g. ``https://pacs.example.org/dicom-web``
+    (instances are POSTed to ``<url>/studies``). Allowed: for dicomweb, starts with
+    ``http://`` or ``https://``."""
+    auth: Literal["none", "basic", "bearer"] = "none"
+    """dicomweb: HTTP authentication: ``basic`` (``username`` and the password in the
+    environment variable ``password_env``) or ``bearer`` (the token in the environment
+    variable ``token_env``)."""
+    username: str = ""
+    """dicomweb: the user name for ``auth: basic``."""
+    password_env: str = ""
+    """dicomweb: name of the environment variable holding the password for ``auth: basic``
+    (read when sending; never written to the configuration)."""
+    token_env: str = ""
+    """dicomweb: name of the environment variable holding the bearer token for
+    ``auth: bearer`` (read when sending)."""
+    verify_tls: bool = True
+    """dicomweb: verify the server's TLS certificate (https). Turn off only for a test
+    server; prefer ``ca_bundle`` for an in-house certificate authority."""
+    ca_bundle: Path | None = None
+    """dicomweb: a PEM file of the certificate authorities to trust instead of the system's."""
     formats: tuple[str, ...] = ("seg", "sr")
     """Result objects this destination receives: ``seg`` (Segmentation), ``sr``
     (TID 1500 report), ``sc`` (Secondary Capture overlay). Allowed: seg, sr, sc."""
@@ -233,17 +259,34 @@ class DestinationConfig:
     """Keep SEG frames without segmented pixels (some viewers place frames wrongly when
     empty ones are omitted); by default they are omitted."""
     calling_ae_title: str = ""
-    """Our AE title on associations to this peer; empty: ``node.ae_title``."""
+    """dicom: our AE title on associations to this peer; empty: ``node.ae_title``."""
     retry_deadline_seconds: float = 3600.0
     """Transient failures are retried with backoff until this many seconds after the
     delivery was queued; then it is ``failed``."""
     max_pdu: int = 0
-    """Maximum PDU we receive on associations to this peer, in bytes; ``0``: unlimited."""
+    """dicom: maximum PDU we receive on associations to this peer, in bytes; ``0``:
+    unlimited."""
+    timeout_seconds: float = 60.0
+    """dicomweb: seconds to wait for the server's answer to one STOW-RS request.
+    Allowed: more than 0."""
 
     def validate(self, key: str) -> None:
-        _check_aet(f"{key}.ae_title", self.ae_title)
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"{key}.port: {self.port} is not a TCP port (1-65535)")
+        if self.kind == "dicom":
+            _check_aet(f"{key}.ae_title", self.ae_title)
+            if not self.host:
+                raise ConfigError(f"{key}.host: a dicom destination needs the peer's host")
+            if not 0 < self.port < 65536:
+                raise ConfigError(f"{key}.port: {self.port} is not a TCP port (1-65535)")
+        else:
+            if not self.url.startswith(("http://", "https://")):
+                raise ConfigError(f"{key}.url: a dicomweb destination needs an http:// or "
+                                  "https:// URL")
+            if self.auth == "basic" and not (self.username and self.password_env):
+                raise ConfigError(f"{key}.auth: basic needs username and password_env")
+            if self.auth == "bearer" and not self.token_env:
+                raise ConfigError(f"{key}.auth: bearer needs token_env")
+            if self.timeout_seconds <= 0:
+                raise ConfigError(f"{key}.timeout_seconds: must be > 0")
         bad = [f for f in self.formats if f not in ("seg", "sr", "sc")]
         if bad:
             raise ConfigError(f"{key}.formats: unknown format(s) {bad}; use seg, sr, sc")
@@ -251,18 +294,45 @@ class DestinationConfig:
 
 @dataclass(frozen=True)
 class NotificationConfig:
-    """Where result summaries go besides PACS: a JSON webhook or HL7 v2 ORU^R01 over MLLP."""
+    """Where result summaries go besides PACS: a JSON webhook, HL7 v2 ORU^R01 over MLLP, or
+    a FHIR R4 server (a transaction Bundle with a DiagnosticReport and Observations)."""
 
     name: str
     """The name routing rules use in ``notify:``. Allowed: not empty, distinct among
     notifications and from every destination name."""
-    kind: Literal["webhook", "hl7"]
-    """``webhook``: POST a JSON summary; ``hl7``: send an HL7 v2.5.1 ORU^R01 over MLLP."""
+    kind: Literal["webhook", "hl7", "fhir"]
+    """``webhook``: POST a JSON summary; ``hl7``: send an HL7 v2.5.1 ORU^R01 over MLLP;
+    ``fhir``: POST a FHIR R4 transaction Bundle to the server's base URL."""
     url: str = ""
-    """webhook: the http(s) URL receiving a POST of the JSON summary.
-    Allowed: for a webhook, starts with ``http://`` or ``https://``."""
+    """webhook: the http(s) URL receiving a POST of the JSON summary; fhir: the server's
+    base URL (e.g. ``https://fhir.example.org/fhir``).
+    Allowed: for a webhook or fhir, starts with ``http://`` or ``https://``."""
     auth_token: str = ""
-    """webhook: sent as ``Authorization: Bearer <token>`` when set."""
+    """webhook, fhir: sent as ``Authorization: Bearer <token>`` when set (prefer
+    ``auth_token_env``)."""
+    auth_token_env: str = ""
+    """webhook, fhir: name of the environment variable holding the bearer token (read
+    when sending; takes precedence over ``auth_token``)."""
+    signing_secret: str = ""
+    """webhook: HMAC-SHA256 secret; when set (here or via ``signing_secret_env``) every
+    body is signed: header ``X-Dicomnode-Signature: t=<unix time>,v1=<hex HMAC of
+    "<t>.<body>">``."""
+    signing_secret_env: str = ""
+    """webhook: name of the environment variable holding the signing secret (takes
+    precedence over ``signing_secret``)."""
+    verify_tls: bool = True
+    """webhook, fhir: verify the server's TLS certificate (https)."""
+    result_status: Literal["preliminary", "final"] = "preliminary"
+    """hl7, fhir: the status results are reported with: HL7 OBR-25 / OBX-11 ``P`` or ``F``,
+    FHIR ``status`` ``preliminary`` or ``final``. AI results are unverified: keep
+    ``preliminary`` unless a person confirms them before they reach this target."""
+    patient_identifier_system: str = "urn:dicomnode:patient-id"
+    """fhir: the system (namespace URI) of the Patient identifier built from the DICOM
+    Patient ID: set it to the hospital's MRN system so the report lands on the right
+    patient."""
+    accession_identifier_system: str = "urn:dicomnode:accession"
+    """fhir: the system (namespace URI) of the accession number identifier (the order's
+    ``ServiceRequest`` the report is ``basedOn``): the RIS's accession namespace."""
     host: str = ""
     """hl7: the MLLP listener's host. Allowed: required for hl7."""
     port: int = 0
@@ -284,8 +354,10 @@ class NotificationConfig:
     def validate(self, key: str) -> None:
         if not self.name.strip():
             raise ConfigError(f"{key}.name: must not be empty")
-        if self.kind == "webhook" and not self.url.startswith(("http://", "https://")):
-            raise ConfigError(f"{key}.url: a webhook needs an http:// or https:// URL")
+        if self.kind in ("webhook", "fhir") and not self.url.startswith(("http://",
+                                                                           "https://")):
+            raise ConfigError(f"{key}.url: a {self.kind} needs an http:// or "
+                              "https:// URL")
         if self.kind == "hl7":
             if not self.host:
                 raise ConfigError(f"{key}.host: an hl7 notification needs the MLLP host")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -16,13 +19,38 @@ import hl7.mllp
 from tests.support.peers import free_port
 
 
+def check_signature(secret: str, body: bytes, header: str, tolerance: float = 300) -> bool:
+    """A receiver's own check of ``X-Dicomnode-Signature: t=<unix>,v1=<hex>`` (written
+    here from the documented scheme, not with the node's code): HMAC-SHA256 over
+    ``"<t>." + body``, constant-time compare, timestamp within ``tolerance`` seconds."""
+    try:
+        parts = dict(p.split("=", 1) for p in header.split(","))
+        t = int(parts["t"])
+    except (KeyError, ValueError):
+        return False
+    mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return abs(time.time() - t) <= tolerance and hmac.compare_digest(mac, parts.get("v1", ""))
+
+
 class _Hook(BaseHTTPRequestHandler):
     status = 200
+    secret = ""  # set: requests without a valid signature are answered 401
     bodies: list[tuple[dict[str, str], Any]] = []
+    raw: list[bytes] = []
+    rejected: list[str] = []
 
     def do_POST(self) -> None:  # noqa: N802 - http.server API
         length = int(self.headers["Content-Length"])
-        body = json.loads(self.rfile.read(length))
+        data = self.rfile.read(length)
+        cls = type(self)
+        if cls.secret and not check_signature(
+                cls.secret, data, self.headers.get("X-Dicomnode-Signature", "")):
+            cls.rejected.append(self.headers.get("X-Dicomnode-Signature", ""))
+            self.send_response(401)
+            self.end_headers()
+            return
+        type(self).raw.append(data)
+        body = json.loads(data)
         type(self).bodies.append((dict(self.headers), body))
         self.send_response(type(self).status)
         self.end_headers()
@@ -43,13 +71,25 @@ class HookServer:
     def bodies(self) -> list[tuple[dict[str, str], Any]]:
         return self._handler.bodies
 
+    @property
+    def rejected(self) -> list[str]:
+        """Signature headers of requests answered 401 (a secret was set)."""
+        return self._handler.rejected
+
+    @property
+    def raw(self) -> list[bytes]:
+        """The request bodies as received (bytes), e.g. to check a signature."""
+        return self._handler.raw
+
     def answer(self, status: int) -> None:
         self._handler.status = status
 
 
 @contextlib.contextmanager
-def webhook_server(status: int = 200) -> Iterator[HookServer]:
-    handler = type("Hook", (_Hook,), {"status": status, "bodies": []})
+def webhook_server(status: int = 200, secret: str = "") -> Iterator[HookServer]:
+    """A webhook receiver; with ``secret`` it verifies each body's signature first."""
+    handler = type("Hook", (_Hook,), {"status": status, "bodies": [], "raw": [],
+                                      "secret": secret, "rejected": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()

@@ -5,6 +5,7 @@ Everything listens on / connects to 127.0.0.1 only.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 ORTHANC_BIN = "/usr/sbin/Orthanc"
+ORTHANC_DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
@@ -50,6 +52,7 @@ class Orthanc:
     aet: str
     process: subprocess.Popen[bytes] | None = None
     modalities: dict[str, list[Any]] = field(default_factory=dict)
+    user: tuple[str, str] | None = None  # (name, password) when authentication is on
 
     @property
     def url(self) -> str:
@@ -60,6 +63,9 @@ class Orthanc:
         if body is not None:
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method)
+        if self.user is not None:
+            token = base64.b64encode(f"{self.user[0]}:{self.user[1]}".encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback only
             raw = resp.read()
         ctype = resp.headers.get("Content-Type", "")
@@ -101,10 +107,14 @@ def start_orthanc(
     modalities: dict[str, tuple[str, str, int]] | None = None,
     extra: dict[str, Any] | None = None,
     timeout: float = 60.0,
+    dicomweb: bool = False,
+    user: tuple[str, str] | None = None,
 ) -> Orthanc:
     """Start Orthanc on free ports with a JSON config in ``workdir``.
 
-    Storage and index live under ``workdir``; only loopback is used; no plugins.
+    Storage and index live under ``workdir``; only loopback is used; no plugins, unless
+    ``dicomweb``: Debian's orthanc-dicomweb plugin (DICOMweb root ``<url>/dicom-web``).
+    ``user``: HTTP basic authentication on, with this one (name, password).
     """
     if not Path(ORTHANC_BIN).exists():
         raise RuntimeError(f"{ORTHANC_BIN} not found: apt-get install orthanc")
@@ -135,6 +145,15 @@ def start_orthanc(
         "DicomScuTimeout": 30,
         "SaveJobs": False,
     }
+    if dicomweb:
+        if not Path(ORTHANC_DICOMWEB_PLUGIN).exists():
+            raise RuntimeError(f"{ORTHANC_DICOMWEB_PLUGIN} not found: "
+                               "apt-get install orthanc-dicomweb")
+        cfg["Plugins"] = [ORTHANC_DICOMWEB_PLUGIN]
+        cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+    if user is not None:
+        cfg["AuthenticationEnabled"] = True
+        cfg["RegisteredUsers"] = {user[0]: user[1]}
     if extra:
         cfg.update(extra)
     (wd / "orthanc.json").write_text(json.dumps(cfg, indent=2))
@@ -144,7 +163,7 @@ def start_orthanc(
         cwd=wd,
     )
     orthanc = Orthanc(wd, dicom_port, http_port, aet, proc,
-                      {k: list(v) for k, v in (modalities or {}).items()})
+                      {k: list(v) for k, v in (modalities or {}).items()}, user)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -157,6 +176,36 @@ def start_orthanc(
             time.sleep(0.1)
     orthanc.stop()
     raise TimeoutError("Orthanc did not start")
+
+
+def self_signed_pem(folder: Path) -> Path:
+    """A self-signed certificate for 127.0.0.1 and its key in one PEM file (openssl)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key, crt, pem = folder / "key.pem", folder / "crt.pem", folder / "server.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(crt)], check=True, capture_output=True)
+    pem.write_bytes(crt.read_bytes() + key.read_bytes())
+    return pem
+
+
+@contextlib.contextmanager
+def tls_proxy(target_port: int, pem: Path) -> Iterator[int]:
+    """HTTPS on a free port of 127.0.0.1, forwarded to plain ``target_port`` (socat's TLS
+    with ``pem``): Debian's Orthanc 1.10 crashes on its own HTTPS, so TLS tests put
+    this in front of it. Yields the TLS port."""
+    if shutil.which("socat") is None:
+        raise RuntimeError("socat not found: apt-get install socat")
+    port = free_port()
+    proc = subprocess.Popen(
+        ["socat", f"openssl-listen:{port},bind=127.0.0.1,reuseaddr,fork,cert={pem},verify=0",
+         f"tcp:127.0.0.1:{target_port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, timeout=10)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 @contextlib.contextmanager

@@ -87,7 +87,8 @@ def test_validated_fields_are_found() -> None:
     assert _validated_fields(config.NodeConfig) >= {"ae_title", "port", "max_pdu", "receivers",
                                                     "allowed_calling_aets",
                                                     "max_associations"}
-    assert _validated_fields(config.DestinationConfig) == {"ae_title", "port", "formats"}
+    assert _validated_fields(config.DestinationConfig) == {"ae_title", "host", "port", "formats",
+                                                           "url", "auth", "timeout_seconds"}
 
 
 def test_render_lists_every_key_with_its_environment_variable() -> None:
