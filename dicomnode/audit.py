@@ -68,6 +68,8 @@ class AuditEvent(enum.StrEnum):
     INSTANCES_RECEIVED = "instances-received"
     INSTANCES_SENT = "instances-sent"
     USER_ACTION = "user-action"
+    INSTANCES_PURGED = "instances-purged"
+    RESULTS_PURGED = "results-purged"
 
 
 def trail_path(settings: Settings) -> Path:

@@ -17,7 +17,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -387,6 +387,60 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """How long received instances and results are kept, and the disk high-water mark
+    (``dicomnode storage usage | purge``; docs/operations.md). Nothing still being
+    processed or still to be sent is ever purged."""
+
+    instances_days: float = 0
+    """Purge a study's received instances this many days after its last instance
+    arrived. 0: keep them until the disk high-water mark needs the space. Allowed: 0 or
+    more."""
+    per_calling_aet: Mapping[str, float] = field(default_factory=dict)
+    """Days per calling AE title, instead of ``instances_days`` for studies from that
+    sender (``{CT_SCANNER_1: 7, RESEARCH: 1}``; 0 keeps them). A study from several
+    senders is kept as long as the longest of theirs. Allowed: 0 or more days each."""
+    results_days: float = 0
+    """Purge the node's own result objects (SEG, SR, SC files) this many days after
+    their job finished, once all their deliveries are done or failed. 0: keep them.
+    Allowed: 0 or more."""
+    high_water_percent: float = 0
+    """When the storage file system is fuller than this (percent used), purge the
+    studies that may go, oldest last arrival first, down to ``low_water_percent``.
+    0: off. Allowed: 0, or 1 to 99."""
+    low_water_percent: float = 0
+    """Where a high-water purge stops (percent used). 0: 5 points below
+    ``high_water_percent``. Allowed: 0, or below ``high_water_percent``."""
+    interval_seconds: float = 600
+    """How often ``dicomnode serve`` applies the rules above (0: only
+    ``dicomnode storage purge`` does). Allowed: 0 or more."""
+
+    def validate(self) -> None:
+        for name in ("instances_days", "results_days", "interval_seconds"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"retention.{name}: must be 0 or more")
+        for aet, days in self.per_calling_aet.items():
+            _check_aet(f"retention.per_calling_aet.{aet}", str(aet))
+            if not isinstance(days, int | float) or isinstance(days, bool) or days < 0:
+                raise ConfigError(f"retention.per_calling_aet.{aet}: {days!r} is not a number "
+                                  "of days (0 or more)")
+        if self.high_water_percent and not 1 <= self.high_water_percent <= 99:
+            raise ConfigError(f"retention.high_water_percent: {self.high_water_percent} is "
+                              "not within 1-99 (0: off)")
+        if self.low_water_percent and (self.low_water_percent < 0 or
+                                       self.low_water_percent >= self.high_water_percent):
+            raise ConfigError("retention.low_water_percent: must be below "
+                              "retention.high_water_percent")
+
+    def days_for(self, calling_aets: Sequence[str]) -> float:
+        """Days a study from these senders is kept (0: kept, no age limit)."""
+        days = [float(self.per_calling_aet.get(a, self.instances_days)) for a in calling_aets]
+        if not days:
+            return float(self.instances_days)
+        return 0.0 if 0.0 in days else max(days)
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     """The audit trail: security-relevant events, append-only and hash-chained
     (``dicomnode audit``; docs/operations.md)."""
@@ -431,6 +485,8 @@ class Settings:
     """The worker processes and the dispatcher."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """What the node logs, and where."""
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    """How long instances and results are kept; the disk high-water mark."""
     audit: AuditConfig = field(default_factory=AuditConfig)
     """The audit trail: security-relevant events, append-only and hash-chained."""
     destinations: tuple[DestinationConfig, ...] = ()

@@ -27,13 +27,15 @@ from dicomnode.cli import (
     routes,
     send,
     serve,
+    storage,
     studies,
     worker_cmd,
 )
 from dicomnode.errors import DicomNodeError
 
 # Order is the order in --help.
-COMMAND_MODULES = (serve, worker_cmd, send, studies, db, models, jobs, routes, audit, demo)
+COMMAND_MODULES = (serve, worker_cmd, send, studies, storage, db, models, jobs, routes, audit,
+                   demo)
 
 
 def add_global_options(parser: argparse.ArgumentParser, *, suppress: bool = False) -> None:

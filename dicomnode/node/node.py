@@ -88,6 +88,43 @@ class CompletenessTracker:
         return self._thread.is_alive()
 
 
+class RetentionService:
+    """Thread: every ``retention.interval_seconds`` applies the retention rules
+    (:meth:`dicomnode.store.Store.purge`, audited)."""
+
+    name = "retention"
+
+    def __init__(self, store: Store, interval: float, audit: AuditLog) -> None:
+        self.store = store
+        self.interval = interval
+        self.audit = audit
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+
+    @staticmethod
+    def wanted(settings: Settings) -> bool:
+        r = settings.retention
+        return r.interval_seconds > 0 and bool(
+            r.instances_days or r.per_calling_aet or r.results_days or r.high_water_percent)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.store.purge(audit=self.audit)
+            except Exception:  # noqa: BLE001 - keep the node up; the next round retries
+                log.exception("retention purge failed")
+
+    def stop(self, timeout: float) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+
 class Node:
     """A running node; :meth:`start` then :meth:`stop` (or use :func:`run_node`)."""
 
@@ -119,6 +156,9 @@ class Node:
         self.scp.start()
         tracker = CompletenessTracker(self.store, s.completion.check_interval_seconds)
         services: list[Service] = [tracker]
+        if RetentionService.wanted(s):
+            services.append(RetentionService(self.store, s.retention.interval_seconds,
+                                             self.audit))
         services += (self._extra if self._extra is not None
                      else self._default_services())
         for svc in services:
@@ -175,4 +215,4 @@ def run_node(settings: Settings, *, with_worker: bool = True,
     return run_until_signalled(node.start, node.stop)
 
 
-__all__ = ["CompletenessTracker", "Node", "Service", "run_node"]
+__all__ = ["CompletenessTracker", "Node", "RetentionService", "Service", "run_node"]

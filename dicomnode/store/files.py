@@ -196,6 +196,16 @@ def free_mb(path: Path) -> float:
     return shutil.disk_usage(p).free / (1024 * 1024)
 
 
+def disk_usage(path: Path) -> tuple[int, int, int]:
+    """``(total, used, free)`` bytes of the file system holding ``path`` (or its nearest
+    existing parent), as ``shutil.disk_usage`` gives them."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    total, used, free = shutil.disk_usage(p)
+    return total, used, free
+
+
 def list_instance_files(root: Path) -> list[Path]:
     """The received instance files (``*.dcm``) under ``root``, outputs excluded;
     read-only (temporary files of C-STOREs in progress are left alone)."""

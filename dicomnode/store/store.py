@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import logging
 import sqlite3
 import time
@@ -38,6 +39,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
+from dicomnode.audit import AuditEvent, AuditLog
 from dicomnode.config import Settings
 from dicomnode.domain import (
     Delivery,
@@ -50,9 +52,9 @@ from dicomnode.domain import (
 )
 from dicomnode.errors import InvalidInstanceError, StoreError
 from dicomnode.logs import kv
-from dicomnode.store import catalog, db, files, maintenance, outbox, queue
+from dicomnode.store import catalog, db, files, maintenance, outbox, queue, retention
 from dicomnode.store import series as series_mod
-from dicomnode.store._common import naive, seconds, utcnow
+from dicomnode.store._common import aware, naive, seconds, utcnow
 from dicomnode.store.catalog import StudySummary
 from dicomnode.store.fastrecord import FastRecorder
 from dicomnode.store.outbox import NewDelivery
@@ -86,7 +88,30 @@ class ReconcileReport:
     unreadable: tuple[Path, ...] = ()  # *.dcm files that cannot be indexed
 
 
-__all__ = ["IngestOutcome", "IngestResult", "ReconcileReport", "Store"]
+@dataclass(frozen=True)
+class Purged:
+    """One study's instances, or one job's results, removed (or, dry run, to remove)."""
+
+    what: str  # "instances" | "results"
+    study_uid: str
+    count: int
+    bytes: int
+    reason: str
+    job_id: int | None = None
+
+
+@dataclass(frozen=True)
+class PurgeReport:
+    purged: tuple[Purged, ...] = ()
+    kept: tuple[tuple[str, str], ...] = ()  # (study UID, why) of old studies still owed
+    dry_run: bool = False
+
+    @property
+    def bytes(self) -> int:
+        return sum(p.bytes for p in self.purged)
+
+
+__all__ = ["IngestOutcome", "IngestResult", "PurgeReport", "Purged", "ReconcileReport", "Store"]
 
 _RETRYABLE = (OperationalError, IntegrityError)
 
@@ -287,6 +312,112 @@ class Store:
         """Read-only consistency check of rows and files (``dicomnode db check``)."""
         return self._read(lambda conn: maintenance.check(conn, self.root))
 
+    # ------------------------------------------------------------------ retention
+
+    def storage_usage(self) -> tuple[list[retention.StudyUsage], list[retention.ResultUsage]]:
+        """Stored studies and result sets, oldest first, with what holds each back."""
+        return self._read(lambda c: (retention.study_usage(c), retention.result_usage(c)))
+
+    def purge(self, *, now: datetime | None = None, dry_run: bool = False,
+              older_than_days: float | None = None,
+              audit: AuditLog | None = None) -> PurgeReport:
+        """Apply the ``retention:`` rules (or ``older_than_days`` to every study): purge
+        what nothing is owed for, oldest first; see :mod:`dicomnode.store.retention`."""
+        r = self.settings.retention
+        now = aware(now or self.now()) or self.now()
+        studies, results = self.storage_usage()
+        plan: list[tuple[retention.StudyUsage, str]] = []
+        kept: list[tuple[str, str]] = []
+        for st in studies:
+            if older_than_days is not None:  # by hand: 0 means every study
+                days, due = older_than_days, True
+            else:  # the rules: 0 means no age limit
+                days = r.days_for(st.calling_aets)
+                due = days > 0
+            if due and (now - st.last_received).total_seconds() >= days * 86400:
+                if st.blocked:
+                    kept.append((st.study_uid, st.blocked))
+                else:
+                    plan.append((st, f"older than {days:g} day(s)"))
+        if r.high_water_percent and older_than_days is None:
+            used = retention.disk_used_percent(self.root)
+            if used > r.high_water_percent:
+                low = r.low_water_percent or max(0.0, r.high_water_percent - 5)
+                total, _, _ = files.disk_usage(self.root)
+                need = (used - low) / 100 * total - sum(st.bytes for st, _ in plan)
+                chosen = {st.study_id for st, _ in plan}
+                for st in studies:
+                    if need <= 0:
+                        break
+                    if st.study_id in chosen:
+                        continue
+                    if st.blocked:
+                        kept.append((st.study_uid, st.blocked))
+                        continue
+                    plan.append((st, f"disk {used:.1f}% used, above the high-water mark "
+                                     f"{r.high_water_percent:g}%"))
+                    need -= st.bytes
+        out: list[Purged] = []
+        for st, reason in plan:
+            if dry_run:
+                out.append(Purged("instances", st.study_uid, st.instances, st.bytes, reason))
+                continue
+            done = self._purge_paths(functools.partial(
+                retention.take_study, study_id=st.study_id, study_uid=st.study_uid))
+            if done is None:
+                kept.append((st.study_uid, "became owed while purging"))
+                continue
+            n, freed = done
+            out.append(Purged("instances", st.study_uid, n, freed, reason))
+            if audit is not None:
+                audit.safe_record(AuditEvent.INSTANCES_PURGED, study_uid=st.study_uid,
+                                  instances=n, bytes=freed, reason=reason)
+        if r.results_days and older_than_days is None:
+            for ru in results:
+                if ru.blocked or ru.finished is None or \
+                        (now - ru.finished).total_seconds() < r.results_days * 86400:
+                    continue
+                reason = f"results older than {r.results_days:g} day(s)"
+                if dry_run:
+                    out.append(Purged("results", ru.study_uid, ru.objects, 0, reason,
+                                      ru.job_id))
+                    continue
+                done = self._purge_paths(functools.partial(retention.take_results,
+                                                           job_id=ru.job_id))
+                if done is None:
+                    continue
+                n, freed = done
+                out.append(Purged("results", ru.study_uid, n, freed, reason, ru.job_id))
+                if audit is not None:
+                    audit.safe_record(AuditEvent.RESULTS_PURGED, study_uid=ru.study_uid,
+                                      job_id=ru.job_id, objects=n, bytes=freed, reason=reason)
+        for p in out:
+            if not dry_run:
+                log.info("purged", extra=kv(what=p.what, study_uid=p.study_uid, count=p.count,
+                                            mb=round(p.bytes / 1e6, 1), reason=p.reason))
+        return PurgeReport(tuple(out), tuple(kept), dry_run)
+
+    def _purge_paths(self, take: Callable[[Connection], list[str] | None]
+                     ) -> tuple[int, int] | None:
+        """Rows out (journalled, one transaction), then files: ``(count, bytes freed)``."""
+        journals: list[Path] = []
+
+        def tx(conn: Connection) -> list[str] | None:
+            paths = take(conn)
+            if paths is not None:
+                journals.append(retention.write_journal(self.root, paths))
+            return paths
+
+        paths = self._tx(tx)
+        if paths is None:
+            for j in journals:
+                j.unlink(missing_ok=True)
+            return None
+        freed = retention.remove_files(self.root, paths)
+        for j in journals:
+            j.unlink(missing_ok=True)
+        return len(paths), freed
+
     def reconcile(self) -> ReconcileReport:
         """Make rows and files agree after a crash (run before receiving).
 
@@ -294,6 +425,9 @@ class Store:
         committed), rows without files are flagged ``file_missing``, leftover
         temporary files are removed (their C-STORE never got success).
         """
+        # Purges a crash interrupted are finished first: their files must not be
+        # indexed again as newly received.
+        self._read(lambda c: retention.finish_journals(c, self.root))
         known = self._read(series_mod.instance_paths)
         by_uid = {uid: path for path, (uid, _) in known.items()}
         seen: set[str] = set()
