@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
@@ -37,6 +38,8 @@ from dicomnode.node.supervisor import (
 )
 from dicomnode.receive.scp import StorageSCP
 from dicomnode.store import Store
+from dicomnode.telemetry import METRICS, enable, metrics_dir
+from dicomnode.web import HttpServer, bind_http, create_app
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,9 @@ class CompletenessTracker:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                if self.store.complete_quiet_series():
+                done = self.store.complete_quiet_series()
+                if done:
+                    METRICS.series_completed.inc(len(done))
                     for call in self.on_jobs:
                         call()
             except Exception:  # noqa: BLE001 - keep tracking; the next tick retries
@@ -99,9 +104,15 @@ class Node:
         self.scp: StorageSCP | None = None
         self.receivers: ReceiverPool | None = None
         self.services: list[Service] = []
+        self._http_sock: socket.socket | None = None
 
     def start(self) -> None:
         s = self.settings
+        if s.http.enabled:
+            # First: a port in use stops the node before anything listens or spawns;
+            # metrics on before any child starts (they inherit the folder).
+            self._http_sock = bind_http(s.http)
+            enable(metrics_dir(s.storage.path))
         log.info("applying database migrations", extra=kv(
             url=s.database.url.split("@")[-1]))
         self.store = Store.open(s, migrate=True)
@@ -126,11 +137,28 @@ class Node:
                 tracker.on_jobs.append(job_due)
                 if self.scp is not None:
                     self.scp.on_job = job_due
+        if self._http_sock is not None:
+            http = HttpServer(create_app(self), self._http_sock)
+            http.start()
+            self.services.append(http)
         freeze_heap()
         log.info("node ready", extra=kv(
             ae_title=s.node.ae_title, host=s.node.host, port=s.node.port,
             receivers=s.node.receivers, storage=str(self.store.root),
             services=[svc.name for svc in self.services], pid=os.getpid()))
+
+    # -- what the HTTP side asks (dicomnode.web.NodeView)
+
+    def scp_listening(self) -> bool:
+        server = self.scp.server if self.scp is not None else None
+        sock = server.socket if server is not None else None
+        return sock is not None and sock.fileno() >= 0
+
+    def service_states(self) -> list[tuple[str, bool]]:
+        states = [(svc.name, svc.alive()) for svc in self.services if svc.name != "http"]
+        if self.receivers is not None:
+            states.append((self.receivers.name, self.receivers.alive()))
+        return states
 
     def _default_services(self) -> list[Service]:
         """The workers and the dispatcher, unless receiving only."""
@@ -158,6 +186,8 @@ class Node:
             self.receivers.stop(grace_seconds)
         if self.store is not None:
             self.store.close()
+        if self._http_sock is not None:
+            self._http_sock.close()
         log.info("node stopped")
 
 

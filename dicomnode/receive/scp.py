@@ -53,6 +53,7 @@ from dicomnode.store import (
     UndecodableError,
 )
 from dicomnode.store.parse import read_meta_fast
+from dicomnode.telemetry import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -379,9 +380,11 @@ class StorageSCP:
         fields = {"assoc": a.name, "calling_aet": calling, "called_aet": called,
                   "peer": f"{a.requestor.address}:{a.requestor.port}"}
         if called != n.ae_title:
+            METRICS.associations_refused.labels("called_ae_title").inc()
             log.warning("rejecting association: called AE title is not ours",
                         extra=kv(**fields, expected=n.ae_title))
         elif n.allowed_calling_aets and calling not in n.allowed_calling_aets:
+            METRICS.associations_refused.labels("calling_ae_title").inc()
             log.warning("rejecting association: calling AE title not allowed", extra=kv(**fields))
         else:
             log.debug("association requested", extra=kv(**fields))
@@ -389,6 +392,7 @@ class StorageSCP:
     def _on_accepted(self, event: Any) -> None:
         with self._lock:
             self._stats[id(event.assoc)] = _AssocStats()
+        METRICS.associations_active.inc()
         # pid: which receiving process serves it (node.receivers > 1)
         log.info("association accepted", extra=kv(**_assoc_fields(event.assoc),
                                                    pid=os.getpid()))
@@ -398,6 +402,7 @@ class StorageSCP:
             st = self._stats.pop(id(event.assoc), None)
         if st is None:
             return
+        METRICS.associations_active.dec()
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
         log.info(f"association {how}", extra=kv(
             **_assoc_fields(event.assoc), stored=st.stored, failed=st.failed,
@@ -444,13 +449,16 @@ class StorageSCP:
         (``abstract_syntax``, ``transfer_syntax``).
         """
         try:
-            return self._store_checked(assoc, ctx, sop_uid_cmd, body)
+            status = self._store_checked(assoc, ctx, sop_uid_cmd, body)
         except Exception as exc:  # noqa: BLE001 - any failure is a status, never a crash
             log.exception("C-STORE handler failed", extra=kv(
                 **_assoc_fields(assoc), error=f"{type(exc).__name__}: {exc}",
                 sop_instance_uid=sop_uid_cmd))
             self._count(assoc, False)
-            return INTERNAL_ERROR
+            status = INTERNAL_ERROR
+        # Both receive paths (pynetdicom's handler and the pump) answer here.
+        METRICS.instance(assoc.requestor.ae_title, status, len(body))
+        return status
 
     def _has_space(self, incoming: int) -> bool:
         """``storage.min_free_mb`` is still free after ``incoming`` more bytes.
@@ -512,8 +520,10 @@ class StorageSCP:
             return self._fail(assoc, STORE_FAILED, "cannot record instance", error=str(exc),
                               sop_instance_uid=meta.sop_instance_uid)
         self._count(assoc, True, len(body))
-        if result.job is not None and self.on_job is not None:
-            self.on_job()
+        if result.job is not None:
+            METRICS.series_completed.inc()
+            if self.on_job is not None:
+                self.on_job()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("instance stored", extra=kv(
                 **_assoc_fields(assoc), outcome=result.outcome.value,
