@@ -18,11 +18,22 @@ from collections.abc import Sequence
 from typing import Any
 
 from dicomnode import __version__
-from dicomnode.cli import db, demo, jobs, models, routes, send, serve, studies, worker_cmd
+from dicomnode.cli import (
+    check,
+    db,
+    demo,
+    jobs,
+    models,
+    routes,
+    send,
+    serve,
+    studies,
+    worker_cmd,
+)
 from dicomnode.errors import DicomNodeError
 
 # Order is the order in --help.
-COMMAND_MODULES = (serve, worker_cmd, send, studies, db, models, jobs, routes, demo)
+COMMAND_MODULES = (serve, worker_cmd, check, send, studies, db, models, jobs, routes, demo)
 
 
 def add_global_options(parser: argparse.ArgumentParser, *, suppress: bool = False) -> None:
