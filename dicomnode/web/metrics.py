@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from dicomnode.logs import kv
 from dicomnode.store import Store
 from dicomnode.telemetry import ENV_DIR
 
@@ -42,7 +43,7 @@ class NodeCollector(Collector):
             jobs = store.queue_depth()
             outbox = store.outbox_depth()
         except Exception as exc:  # noqa: BLE001 - a scrape reports, never fails
-            log.warning("metrics: database not readable", extra={"error": str(exc)})
+            log.warning("metrics: database not readable", extra=kv(error=str(exc)))
             up.add_metric([], 0)
             jobs, outbox = [], []
         else:
