@@ -84,7 +84,8 @@ def test_loopback_only_unless_public(tmp_path: Path, store: Store,
     with caplog.at_level(logging.WARNING, logger="dicomnode.web.app"):
         status, body = _get(app, "/metrics", client="10.1.2.3")
     assert status == 403 and "http.public" in body["error"]  # type: ignore[index]
-    assert any("not on loopback" in r.getMessage() and getattr(r, "fields", {}).get("client") == "10.1.2.3"
+    assert any("not on loopback" in r.getMessage()
+               and getattr(r, "fields", {}).get("client") == "10.1.2.3"
                for r in caplog.records), caplog.records
     assert _get(app, "/readyz", client="10.1.2.3")[0] == 403
     # Liveness answers everyone (a load balancer's probe).
