@@ -322,7 +322,7 @@ class HttpConfig:
     """Serve HTTP from the node process (``dicomnode serve``); ``false``: no HTTP port."""
     host: str = "127.0.0.1"
     """Listen address; ``0.0.0.0`` listens on every interface (set ``http.public`` too, or
-    every client but loopback gets 403)."""
+    every client but loopback gets 403). Allowed: a host name or address, not empty."""
     port: int = 8080
     """HTTP port. A port already in use stops the node at start with an error naming
     ``http.port``. Allowed: 1-65535."""
