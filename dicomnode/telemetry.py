@@ -72,7 +72,7 @@ class Metrics:
         self.notifications: Any = _NOOP
         self.retries: Any = _NOOP
         self.model_loaded: Any = _NOOP
-        self._instance_children: dict[tuple[str, int], Any] = {}
+        self._instance_children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     def _create(self) -> None:
         self.instances = Counter(
@@ -117,14 +117,14 @@ class Metrics:
         if not self.enabled:
             return
         key = (calling_ae, status)
-        child = self._instance_children.get(key)
-        if child is None:
-            child = self.instances.labels(calling_ae, f"0x{status:04X}")
-            self._instance_children[key] = child
-        child.inc()
+        children = self._instance_children.get(key)
+        if children is None:
+            children = (self.instances.labels(calling_ae, f"0x{status:04X}"),
+                        self.received_bytes.labels(calling_ae))
+            self._instance_children[key] = children
+        children[0].inc()
         if status == 0 and nbytes:
-            self.received_bytes.labels(calling_ae).inc(nbytes)
-
+            children[1].inc(nbytes)
 
 METRICS = Metrics()
 
