@@ -151,8 +151,21 @@ def test_readyz_storage_below_watermark_then_back(tmp_path: Path) -> None:
         assert not body["checks"]["storage"]["ok"]
         assert "below storage.min_free_mb 1000000000" in body["checks"]["storage"]["detail"]
         assert body["checks"]["scp"]["ok"] and body["checks"]["database"]["ok"]
+        # A C-STORE is refused (0xA700), an association to the wrong AE title rejected:
+        # both counted, nothing stored.
+        fx = cranium_ct_series(tmp_path / "ct", k_range=(30, 31))
+        r = dcmtk("storescu", "-aet", "CT1", "-aec", node.ae_title, "127.0.0.1",
+                  str(node.port), str(fx.paths[0]))
+        assert r.returncode != 0, r  # storescu: the store failed
+        r = dcmtk("echoscu", "-aet", "CT1", "-aec", "NOTTHENODE", "127.0.0.1", str(node.port))
+        assert r.returncode != 0
         m = scrape(http_port)
         assert total(m, "dicomnode_disk_min_free_bytes") == 10**9 * 1048576
+        assert total(m, "dicomnode_instances_received_total", calling_ae="CT1",
+                     status="0xA700") == 1
+        assert total(m, "dicomnode_received_bytes_total") == 0
+        assert total(m, "dicomnode_associations_refused_total", reason="called_ae_title") == 1
+        assert total(m, "dicomnode_associations_active") == 0
     finally:
         node.stop()
     node = start_node(tmp_path / "n", port=node.port, storage={"min_free_mb": 0},
