@@ -7,6 +7,9 @@ start-up error. Real HTTP requests over 127.0.0.1 (urllib)."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -19,11 +22,21 @@ from typing import Any
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from pynetdicom import AE
 
 from tests.support.infer_data import cranium_ct_series
 from tests.support.peers import dcmtk, free_port, orthanc_running
 from tests.support.pipeline_node import all_delivered, job_for, start_pipeline_node, wait_until
-from tests.support.receive_node import REPO, node_config, start_node
+from tests.support.receive_node import (
+    CT_IMAGE,
+    REPO,
+    NodeProcess,
+    make_instance,
+    node_config,
+    start_node,
+)
 
 pytestmark = pytest.mark.skipif(not Path("/usr/sbin/Orthanc").exists(),
                                 reason="Orthanc not installed")
@@ -60,6 +73,14 @@ def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
           **labels: str) -> float:
     want = set(labels.items())
     return sum(v for (n, lab), v in samples.items() if n == name and want <= set(lab))
+
+
+def _pids_of_last(node: NodeProcess, n: int) -> list[int]:
+    """pids that served the last ``n`` accepted associations (from the node's log)."""
+    def found() -> list[int] | None:
+        pids = [int(p) for p in re.findall(r"association accepted .*?pid=(\d+)", node.log())]
+        return pids[-n:] if len(pids) >= n else None
+    return wait_until(found, 10, f"{n} associations accepted", interval=0.05)
 
 
 def test_metrics_count_what_the_database_holds(tmp_path: Path) -> None:
@@ -206,5 +227,46 @@ def test_http_disabled_listens_on_nothing(tmp_path: Path) -> None:
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", http_port), timeout=2).close()
         assert not (tmp_path / "n" / "storage" / ".metrics").exists()
+    finally:
+        node.stop()
+
+
+def test_metrics_of_every_receiving_process_and_a_killed_one(tmp_path: Path) -> None:
+    """node.receivers: 3 — each process counts its own instances and associations; /metrics
+    adds them up; a receiving process killed with an association open leaves no live
+    association behind in the gauge once its supervisor saw it die."""
+    http_port = free_port()
+    node = start_node(tmp_path / "n", node={"receivers": 3},
+                      http={"enabled": True, "port": http_port})
+    try:
+        wait_until(lambda: b"node ready" in node.log_path.read_bytes(), 30, "node ready")
+        ae = AE(ae_title="CT1")
+        ae.add_requested_context(CT_IMAGE)
+        assocs = [ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE") for _ in range(3)]
+        assert all(a.is_established for a in assocs)
+        pids = _pids_of_last(node, 3)
+        assert len(set(pids)) == 3, pids
+        for i, a in enumerate(assocs):
+            for j in range(i + 1):
+                f = make_instance(tmp_path / "in" / f"{i}-{j}.dcm", sop_uid=generate_uid())
+                assert a.send_c_store(dcmread(f)).Status == 0x0000
+        m = scrape(http_port)
+        assert total(m, "dicomnode_instances_received_total", calling_ae="CT1",
+                     status="0x0000") == 6
+        assert total(m, "dicomnode_associations_active") == 3
+        # Kill the receiving process serving the third association (not the node process).
+        victim = pids[2] if pids[2] != node.process.pid else pids[1]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: total(scrape(http_port), "dicomnode_associations_active") == 2,
+                   30, "the dead process's association gone from the gauge")
+        for a in assocs:
+            if a.is_established:
+                a.release()
+        wait_until(lambda: total(scrape(http_port), "dicomnode_associations_active") == 0,
+                   30, "every association closed")
+        with sqlite3.connect(tmp_path / "n" / "dicomnode.db") as db:
+            rows = db.execute("SELECT count(*) FROM instances").fetchone()[0]
+        # Counters of the dead process stay (counters never go down): all 6 are stored.
+        assert rows == total(scrape(http_port), "dicomnode_instances_received_total") == 6
     finally:
         node.stop()
