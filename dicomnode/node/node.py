@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from dicomnode.config import Settings
+from dicomnode.errors import ConfigError
 from dicomnode.logs import kv
 from dicomnode.node.receivers import ReceiverPool
 from dicomnode.node.supervisor import (
@@ -112,7 +113,11 @@ class Node:
             # First: a port in use stops the node before anything listens or spawns;
             # metrics on before any child starts (they inherit the folder).
             self._http_sock = bind_http(s.http)
-            enable(metrics_dir(s.storage.path))
+            try:
+                enable(metrics_dir(s.storage.path))
+            except OSError as exc:
+                raise ConfigError(f"storage.path: cannot create the metrics folder "
+                                  f"{metrics_dir(s.storage.path)}: {exc.strerror or exc}") from None
         log.info("applying database migrations", extra=kv(
             url=s.database.url.split("@")[-1]))
         self.store = Store.open(s, migrate=True)
