@@ -10,8 +10,10 @@ Routes (all read-only so far):
 
 Read-only routes answer loopback clients only unless ``http.public: true``;
 others get 403 and a log line naming the client. Routes that change state
-(retry, cancel, echo: a later page) go under :data:`STATE_CHANGING` with the
-token check of :func:`require_token`.
+(retry, cancel, C-ECHO test: the status page to come) are POST routes that
+call :func:`require_token` first (a bearer token is not sent by a browser on
+its own, so such a request cannot be forged cross-site); pages go beside
+these routes in :func:`create_app`, reading the store through ``node.store``.
 """
 
 from __future__ import annotations
