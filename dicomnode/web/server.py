@@ -55,6 +55,9 @@ class HttpServer:
     name = "http"
 
     def __init__(self, app: Starlette, sock: socket.socket) -> None:
+        # uvicorn reports its start and stop at INFO on a logger named "uvicorn.error";
+        # ours says "http listening". Its warnings and errors still reach the log.
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         self.sock = sock
         host, port = sock.getsockname()[:2]
         self.address = f"{host}:{port}"
