@@ -27,8 +27,9 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from tests.support.infer_data import cranium_ct_series
+from tests.support.notify_peers import mllp_server
 from tests.support.peers import dcmtk, free_port, orthanc_running
-from tests.support.pipeline_node import all_delivered, job_for, start_pipeline_node, wait_until
+from tests.support.pipeline_node import job_for, start_pipeline_node, wait_until
 from tests.support.receive_node import (
     CT_IMAGE,
     REPO,
@@ -42,7 +43,7 @@ pytestmark = pytest.mark.skipif(not Path("/usr/sbin/Orthanc").exists(),
                                 reason="Orthanc not installed")
 
 CT_RULE = {"name": "ct-tissue", "when": {"Modality": "CT"}, "models": ["ct-tissue"],
-           "send": ["pacs"]}
+           "send": ["pacs"], "notify": ["ris", "gone"]}
 
 
 def http_get(port: int, path: str) -> tuple[int, bytes]:
@@ -86,9 +87,16 @@ def _pids_of_last(node: NodeProcess, n: int) -> list[int]:
 def test_metrics_count_what_the_database_holds(tmp_path: Path) -> None:
     fx = cranium_ct_series(tmp_path / "ct", k_range=(30, 42))
     http_port = free_port()
-    with orthanc_running(workdir=tmp_path / "pacs") as pacs:
-        node = start_pipeline_node(tmp_path / "node", orthanc=pacs, routes=[CT_RULE],
-                                   http={"enabled": True, "port": http_port})
+    with orthanc_running(workdir=tmp_path / "pacs") as pacs, \
+            mllp_server("AA") as (hl7_port, messages):
+        node = start_pipeline_node(
+            tmp_path / "node", orthanc=pacs, routes=[CT_RULE],
+            http={"enabled": True, "port": http_port},
+            notifications=[
+                {"name": "ris", "kind": "hl7", "host": "127.0.0.1", "port": hl7_port},
+                # Nothing listens: retried with backoff until its deadline, then failed.
+                {"name": "gone", "kind": "webhook", "url": f"http://127.0.0.1:{free_port()}/",
+                 "retry_deadline_seconds": 4, "timeout_seconds": 2}])
         try:
             assert http_get(http_port, "/healthz") == (200, b'{"status":"alive"}')
             # Ready once the worker reported its models (it validated their manifests).
@@ -105,10 +113,15 @@ def test_metrics_count_what_the_database_holds(tmp_path: Path) -> None:
 
             def delivered() -> bool:
                 job = job_for(node.jobs(), fx.series_uid)
-                return job is not None and job["state"] == "done" and \
-                    all_delivered(node.deliveries(), job["id"])
-            wait_until(delivered, 180, "the job done and delivered",
+                if job is None or job["state"] != "done":
+                    return False
+                mine = [d for d in node.deliveries() if d["job_id"] == job["id"]]
+                return len(mine) == 4 and all(
+                    d["state"] == ("failed" if d["destination"] == "gone" else "done")
+                    for d in mine)
+            wait_until(delivered, 180, "the job done, delivered, notified (gone: failed)",
                        on_timeout=lambda: node.log()[-4000:])
+            assert len(messages) == 1  # the ORU^R01 reached the MLLP listener
 
             with sqlite3.connect(tmp_path / "node" / "dicomnode.db") as db:
                 n_instances = db.execute("SELECT count(*) FROM instances").fetchone()[0]
@@ -118,6 +131,9 @@ def test_metrics_count_what_the_database_holds(tmp_path: Path) -> None:
                 n_deliv_done = db.execute(
                     "SELECT count(*) FROM deliveries WHERE state = 'done' "
                     "AND destination = 'pacs'").fetchone()[0]
+                gone_attempts = db.execute(
+                    "SELECT attempts FROM deliveries WHERE destination = 'gone' "
+                    "AND state = 'failed'").fetchone()[0]
             assert n_instances == len(fx.paths) and n_jobs_done == n_jobs == 1
             assert n_deliv_done == 2  # SEG + SR
 
@@ -137,6 +153,18 @@ def test_metrics_count_what_the_database_holds(tmp_path: Path) -> None:
             assert total(m, "dicomnode_deliveries_total", destination="pacs",
                          outcome="done") == n_deliv_done
             assert total(m, "dicomnode_deliveries_total", outcome="failed") == 0
+            assert total(m, "dicomnode_notifications_total", target="ris", kind="hl7",
+                         outcome="done") == 1
+            # Every failed attempt but the last was scheduled again (a retry).
+            assert gone_attempts >= 2
+            assert total(m, "dicomnode_notifications_total", target="gone", kind="webhook",
+                         outcome="retrying") == gone_attempts - 1
+            assert total(m, "dicomnode_notifications_total", target="gone",
+                         outcome="failed") == 1
+            assert total(m, "dicomnode_retries_total", what="notification") == gone_attempts - 1
+            assert total(m, "dicomnode_retries_total", what="delivery") == 0
+            assert total(m, "dicomnode_outbox_deliveries", destination="gone",
+                         state="failed") == 1
             assert total(m, "dicomnode_queue_jobs", state="done", priority="0") == n_jobs_done
             assert total(m, "dicomnode_outbox_deliveries", destination="pacs",
                          state="done") == n_deliv_done
