@@ -303,12 +303,17 @@ def run(args: argparse.Namespace) -> int:
         med = {name: statistics.median(times[(name, scen)]) for name in systems}
         for name in systems:
             t = med[name]
-            node = name.startswith(("node", "nofsync", "base"))
+            node = name.startswith(("node", "nofsync", "base", "http"))
             r = f"{statistics.median(rss[(name, scen)]):.0f}" if node else "-"
             vs_o = f"{med['orthanc'] / t:.2f}" if "orthanc" in med else "-"
             vs_d = f"{med['storescp'] / t:.2f}" if "storescp" in med else "-"
             print(f"  {name:<10} {t:>7.2f} {n / t:>7.0f} {nbytes / 1e6 / t:>7.1f} {r:>12} "
                   f"{vs_o:>11} {vs_d:>12}")
+        for name in systems:
+            base = "node-" + name[len("http-"):]
+            if name.startswith("http-") and base in med:
+                print(f"  {name} / {base} (HTTP side on and scraped / off): "
+                      f"time {med[name] / med[base]:.3f}")
     return 0
 
 
