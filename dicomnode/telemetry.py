@@ -18,8 +18,11 @@ mmap): see ``benchmarks/metrics_cost.py``; nothing per PDU.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,26 @@ from prometheus_client import Counter, Gauge, Histogram, values
 from prometheus_client.multiprocess import mark_process_dead
 
 ENV_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+log = logging.getLogger(__name__)
+_warned = False
+
+
+def _failed() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        log.warning("updating a metric failed; metrics may be incomplete (logged once)",
+                    exc_info=True)
+
+
+@contextlib.contextmanager
+def guard() -> Iterator[None]:
+    """Metrics never fail the work they count (a full disk can fail an mmap write)."""
+    try:
+        yield
+    except Exception:  # noqa: BLE001 - see above
+        _failed()
 
 # Job durations: a few seconds (small MR) to many minutes (big CT, CPU inference).
 _JOB_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
@@ -116,15 +139,18 @@ class Metrics:
         """One C-STORE answered (the receive path: a dict lookup and one or two incs)."""
         if not self.enabled:
             return
-        key = (calling_ae, status)
-        children = self._instance_children.get(key)
-        if children is None:
-            children = (self.instances.labels(calling_ae, f"0x{status:04X}"),
-                        self.received_bytes.labels(calling_ae))
-            self._instance_children[key] = children
-        children[0].inc()
-        if status == 0 and nbytes:
-            children[1].inc(nbytes)
+        try:
+            key = (calling_ae, status)
+            children = self._instance_children.get(key)
+            if children is None:
+                children = (self.instances.labels(calling_ae, f"0x{status:04X}"),
+                            self.received_bytes.labels(calling_ae))
+                self._instance_children[key] = children
+            children[0].inc()
+            if status == 0 and nbytes:
+                children[1].inc(nbytes)
+        except Exception:  # noqa: BLE001 - never fail a C-STORE for a metric
+            _failed()
 
 METRICS = Metrics()
 
@@ -168,4 +194,5 @@ def process_dead(pid: int | None) -> None:
         mark_process_dead(pid, directory)
 
 
-__all__ = ["METRICS", "Metrics", "enable", "enable_from_env", "metrics_dir", "process_dead"]
+__all__ = ["METRICS", "Metrics", "enable", "enable_from_env", "guard", "metrics_dir",
+           "process_dead"]

@@ -94,7 +94,7 @@ from dicomnode.infer import ModelRegistry, VolumeBuffer, load_volume
 from dicomnode.logs import kv
 from dicomnode.routing import RouteDecision, RoutingTable, SendTarget, representative
 from dicomnode.store import NewDelivery, Store
-from dicomnode.telemetry import METRICS
+from dicomnode.telemetry import METRICS, guard
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +406,8 @@ class Pipeline:
                     job_id=job.id, error=str(exc2)))
                 report.state = self._current_state(job.id)
         timings["total"] = time.perf_counter() - t0
-        self._observe(report)
+        with guard():
+            self._observe(report)
         log.info("job done" if report.state is JobState.DONE else f"job {report.state.value}",
                  extra=kv(job_id=job.id, study_uid=job.study_uid, series_uid=job.series_uid,
                           version=job.series_version, state=report.state.value,
@@ -436,8 +437,10 @@ class Pipeline:
 
     def report_models(self) -> None:
         """Every model this worker offers, as loadable (0) until a job loads it (1)."""
-        for name in self.registry.names():
-            METRICS.model_loaded.labels(name, self.registry.manifest(name).info.version).set(0)
+        with guard():
+            for name in self.registry.names():
+                METRICS.model_loaded.labels(
+                    name, self.registry.manifest(name).info.version).set(0)
 
     def _current_state(self, job_id: int) -> JobState:
         try:

@@ -28,7 +28,7 @@ from dicomnode.domain import Delivery, DeliveryState, WakeSignal, worker_identit
 from dicomnode.errors import DispatchError, StoreError
 from dicomnode.logs import kv
 from dicomnode.store import Store
-from dicomnode.telemetry import METRICS
+from dicomnode.telemetry import METRICS, guard
 
 log = logging.getLogger(__name__)
 
@@ -163,15 +163,18 @@ class Dispatcher:
                 **fields, error=after.last_error))
         else:
             self._metric(rep, what, fields, "retrying")
-            METRICS.retries.labels(what).inc()
             rep.retrying += 1
 
     @staticmethod
     def _metric(rep: DispatchReport, what: str, fields: dict[str, Any], outcome: str) -> None:
-        if what == "notification":
-            METRICS.notifications.labels(rep.destination, fields.get("kind", ""), outcome).inc()
-        else:
-            METRICS.deliveries.labels(rep.destination, outcome).inc()
+        with guard():
+            if what == "notification":
+                METRICS.notifications.labels(rep.destination, fields.get("kind", ""),
+                                             outcome).inc()
+            else:
+                METRICS.deliveries.labels(rep.destination, outcome).inc()
+            if outcome == "retrying":
+                METRICS.retries.labels(what).inc()
 
     @staticmethod
     def _summary(rep: DispatchReport, message: str, t0: float, **fields: Any) -> None:

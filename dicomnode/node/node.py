@@ -39,7 +39,7 @@ from dicomnode.node.supervisor import (
 )
 from dicomnode.receive.scp import StorageSCP
 from dicomnode.store import Store
-from dicomnode.telemetry import METRICS, enable, metrics_dir
+from dicomnode.telemetry import METRICS, enable, guard, metrics_dir
 from dicomnode.web import HttpServer, bind_http, create_app
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,10 @@ class CompletenessTracker:
             try:
                 done = self.store.complete_quiet_series()
                 if done:
-                    METRICS.series_completed.inc(len(done))
                     for call in self.on_jobs:
                         call()
+                    with guard():
+                        METRICS.series_completed.inc(len(done))
             except Exception:  # noqa: BLE001 - keep tracking; the next tick retries
                 log.exception("completeness check failed")
 

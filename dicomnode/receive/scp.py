@@ -53,7 +53,7 @@ from dicomnode.store import (
     UndecodableError,
 )
 from dicomnode.store.parse import read_meta_fast
-from dicomnode.telemetry import METRICS
+from dicomnode.telemetry import METRICS, guard
 
 log = logging.getLogger(__name__)
 
@@ -380,11 +380,13 @@ class StorageSCP:
         fields = {"assoc": a.name, "calling_aet": calling, "called_aet": called,
                   "peer": f"{a.requestor.address}:{a.requestor.port}"}
         if called != n.ae_title:
-            METRICS.associations_refused.labels("called_ae_title").inc()
+            with guard():
+                METRICS.associations_refused.labels("called_ae_title").inc()
             log.warning("rejecting association: called AE title is not ours",
                         extra=kv(**fields, expected=n.ae_title))
         elif n.allowed_calling_aets and calling not in n.allowed_calling_aets:
-            METRICS.associations_refused.labels("calling_ae_title").inc()
+            with guard():
+                METRICS.associations_refused.labels("calling_ae_title").inc()
             log.warning("rejecting association: calling AE title not allowed", extra=kv(**fields))
         else:
             log.debug("association requested", extra=kv(**fields))
@@ -392,7 +394,8 @@ class StorageSCP:
     def _on_accepted(self, event: Any) -> None:
         with self._lock:
             self._stats[id(event.assoc)] = _AssocStats()
-        METRICS.associations_active.inc()
+        with guard():
+            METRICS.associations_active.inc()
         # pid: which receiving process serves it (node.receivers > 1)
         log.info("association accepted", extra=kv(**_assoc_fields(event.assoc),
                                                    pid=os.getpid()))
@@ -402,7 +405,8 @@ class StorageSCP:
             st = self._stats.pop(id(event.assoc), None)
         if st is None:
             return
-        METRICS.associations_active.dec()
+        with guard():
+            METRICS.associations_active.dec()
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
         log.info(f"association {how}", extra=kv(
             **_assoc_fields(event.assoc), stored=st.stored, failed=st.failed,
@@ -521,7 +525,8 @@ class StorageSCP:
                               sop_instance_uid=meta.sop_instance_uid)
         self._count(assoc, True, len(body))
         if result.job is not None:
-            METRICS.series_completed.inc()
+            with guard():
+                METRICS.series_completed.inc()
             if self.on_job is not None:
                 self.on_job()
         if log.isEnabledFor(logging.DEBUG):

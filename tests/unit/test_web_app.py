@@ -17,7 +17,6 @@ from starlette.requests import Request
 from dicomnode.config import HttpConfig, Settings, load_settings
 from dicomnode.errors import ConfigError
 from dicomnode.store import Store
-from dicomnode.telemetry import Metrics
 from dicomnode.web import create_app, readiness
 from dicomnode.web.app import is_loopback, require_token
 
@@ -155,11 +154,3 @@ def test_is_loopback() -> None:
     assert is_loopback("127.0.0.1") and is_loopback("127.8.9.1") and is_loopback("::1")
     assert not is_loopback("10.0.0.1") and not is_loopback(None) and not is_loopback("x")
 
-
-def test_metrics_off_cost_nothing_and_raise_nothing() -> None:
-    m = Metrics()  # as in every process until telemetry.enable()
-    m.instance("CT1", 0, 1000)
-    m.associations_active.inc()
-    m.deliveries.labels("pacs", "done").inc()
-    m.job_seconds.labels("m", "done").observe(1.0)
-    assert not m.enabled
