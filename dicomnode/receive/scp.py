@@ -266,6 +266,7 @@ class StorageSCP:
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -380,16 +381,31 @@ class StorageSCP:
         fields = {"assoc": a.name, "calling_aet": calling, "called_aet": called,
                   "peer": f"{a.requestor.address}:{a.requestor.port}"}
         if called != n.ae_title:
-            with guard():
-                METRICS.associations_refused.labels("called_ae_title").inc()
             log.warning("rejecting association: called AE title is not ours",
                         extra=kv(**fields, expected=n.ae_title))
         elif n.allowed_calling_aets and calling not in n.allowed_calling_aets:
-            with guard():
-                METRICS.associations_refused.labels("calling_ae_title").inc()
             log.warning("rejecting association: calling AE title not allowed", extra=kv(**fields))
         else:
             log.debug("association requested", extra=kv(**fields))
+
+    def _on_rejected(self, event: Any) -> None:
+        # pynetdicom rejected it (the reasons _on_requested logs, or its own limit).
+        a = event.assoc
+        n = self.settings.node
+        prim = a.requestor.primitive
+        calling = str(prim.calling_ae_title).strip() if prim is not None else ""
+        called = str(prim.called_ae_title).strip() if prim is not None else ""
+        if called != n.ae_title:
+            reason = "called_ae_title"
+        elif n.allowed_calling_aets and calling not in n.allowed_calling_aets:
+            reason = "calling_ae_title"
+        else:
+            reason = "max_associations"
+            log.warning("rejecting association: node.max_associations reached (transient)",
+                        extra=kv(assoc=a.name, calling_aet=calling,
+                                 max_associations=n.max_associations))
+        with guard():
+            METRICS.associations_refused.labels(reason).inc()
 
     def _on_accepted(self, event: Any) -> None:
         with self._lock:

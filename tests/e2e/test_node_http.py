@@ -193,6 +193,7 @@ def test_metrics_count_what_the_database_holds(tmp_path: Path) -> None:
 def test_readyz_storage_below_watermark_then_back(tmp_path: Path) -> None:
     http_port = free_port()
     node = start_node(tmp_path / "n", storage={"min_free_mb": 10**9},
+                      node={"max_associations": 1},
                       http={"enabled": True, "port": http_port})
     try:
         status, body = readyz(http_port)
@@ -215,6 +216,19 @@ def test_readyz_storage_below_watermark_then_back(tmp_path: Path) -> None:
         assert total(m, "dicomnode_received_bytes_total") == 0
         assert total(m, "dicomnode_associations_refused_total", reason="called_ae_title") == 1
         assert total(m, "dicomnode_associations_active") == 0
+        # One association open, a second over node.max_associations: rejected, counted.
+        ae = AE(ae_title="CT1")
+        ae.add_requested_context(CT_IMAGE)
+        first = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+        assert first.is_established
+        assert total(scrape(http_port), "dicomnode_associations_active") == 1
+        second = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+        assert second.is_rejected
+        first.release()
+        m = scrape(http_port)
+        assert total(m, "dicomnode_associations_refused_total", reason="max_associations") == 1
+        assert total(m, "dicomnode_associations_refused_total") == 2
+        assert "node.max_associations reached" in node.log()
     finally:
         node.stop()
     node = start_node(tmp_path / "n", port=node.port, storage={"min_free_mb": 0},
