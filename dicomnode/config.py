@@ -468,6 +468,32 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The node's HTTP side: ``/healthz``, ``/readyz`` and ``/metrics`` (``docs/operations.md``)."""
+
+    enabled: bool = True
+    """Serve HTTP from the node process (``dicomnode serve``); ``false``: no HTTP port."""
+    host: str = "127.0.0.1"
+    """Listen address; ``0.0.0.0`` listens on every interface (set ``http.public`` too, or
+    every client but loopback gets 403). Allowed: a host name or address, not empty."""
+    port: int = 8080
+    """HTTP port. A port already in use stops the node at start with an error naming
+    ``http.port``. Allowed: 1-65535."""
+    public: bool = False
+    """Serve the read-only endpoints (``/readyz``, ``/metrics``) to any client; ``false``:
+    loopback clients only, others get 403 (logged). ``/healthz`` answers everyone."""
+    token: str = ""
+    """Bearer token required by the endpoints that change state (none yet); better set
+    from the environment: ``DICOMNODE_HTTP__TOKEN``. Empty: those endpoints are off."""
+
+    def validate(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"http.port: {self.port} is not a TCP port (1-65535)")
+        if not self.host.strip():
+            raise ConfigError("http.host: must not be empty")
+
+
+@dataclass(frozen=True)
 class Settings:
     """Every setting of the node: one section per field, lists for peers and rules."""
 
@@ -489,6 +515,8 @@ class Settings:
     """How long instances and results are kept; the disk high-water mark."""
     audit: AuditConfig = field(default_factory=AuditConfig)
     """The audit trail: security-relevant events, append-only and hash-chained."""
+    http: HttpConfig = field(default_factory=HttpConfig)
+    """Health, readiness and metrics over HTTP."""
     destinations: tuple[DestinationConfig, ...] = ()
     """PACS to send results (and forwarded instances) to."""
     # Routing rules stay raw here; dicomnode.routing validates them against

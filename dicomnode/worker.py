@@ -69,6 +69,7 @@ the version before stays current with its result (it is not superseded).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -114,6 +115,7 @@ from dicomnode.infer.volume import NoStackInPlanes, describe_exclusions
 from dicomnode.logs import kv
 from dicomnode.routing import RouteDecision, RoutingTable, SendTarget, representative
 from dicomnode.store import NewDelivery, Store
+from dicomnode.telemetry import METRICS, guard
 
 log = logging.getLogger(__name__)
 
@@ -435,6 +437,8 @@ class Pipeline:
                     job_id=job.id, error=str(exc2)))
                 report.state = self._current_state(job.id)
         timings["total"] = time.perf_counter() - t0
+        with guard():
+            self._observe(report)
         log.info("job done" if report.state is JobState.DONE else f"job {report.state.value}",
                  extra=kv(job_id=job.id, study_uid=job.study_uid, series_uid=job.series_uid,
                           version=job.series_version, state=report.state.value,
@@ -445,6 +449,31 @@ class Pipeline:
                           or None,
                           **{f"{k}_s": round(v, 3) for k, v in timings.items()}))
         return report
+
+    def _observe(self, report: JobReport) -> None:
+        """Metrics of one finished job (cheap: once per job)."""
+        if not METRICS.enabled:
+            return
+        model = ",".join(report.models) or "none"
+        state = report.state.value
+        METRICS.jobs.labels(state).inc()
+        if report.state is JobState.PENDING:
+            METRICS.retries.labels("job").inc()
+        METRICS.job_seconds.labels(model, state).observe(report.timings.get("total", 0.0))
+        for stage in ("route", "load", "model", "encode", "write", "finish"):
+            if stage in report.timings:
+                METRICS.stage_seconds.labels(model, stage).observe(report.timings[stage])
+        for name in report.models:
+            with contextlib.suppress(DicomNodeError):
+                METRICS.model_loaded.labels(
+                    name, self.registry.manifest(name).info.version).set(1)
+
+    def report_models(self) -> None:
+        """Every model this worker offers, as loadable (0) until a job loads it (1)."""
+        with guard():
+            for name in self.registry.names():
+                METRICS.model_loaded.labels(
+                    name, self.registry.manifest(name).info.version).set(0)
 
     def _current_state(self, job_id: int) -> JobState:
         try:

@@ -8,6 +8,9 @@ for every repetition:
   file, fsync, atomic rename, directory fsync, committed row before 0x0000)
   and ``node.receivers = N`` receiving processes (each connection to the
   least busy one);
+* ``http-rN`` (``--http``): ``node-rN`` with its HTTP side on and a client
+  asking ``/metrics`` and ``/readyz`` every second while instances arrive (the
+  ``node-rN`` runs have ``http.enabled: false``);
 * ``storescp``: DCMTK ``storescp --fork`` writing files (no database, no fsync);
 * ``orthanc``: Orthanc (Debian package), default SQLite index, no plugins.
 
@@ -32,7 +35,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,9 +113,23 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def _scrape(http_port: int, proc: subprocess.Popen[bytes]) -> None:
+    """A monitoring system and an open status page: /metrics and /readyz every second."""
+    while proc.poll() is None:
+        for path in ("/metrics", "/readyz"):
+            try:
+                with urllib.request.urlopen(  # noqa: S310 - loopback only
+                        f"http://127.0.0.1:{http_port}{path}", timeout=5) as resp:
+                    resp.read()
+            except OSError:
+                pass
+        time.sleep(1.0)
+
+
 def start_node(work: Path, receivers: int, fsync: bool = True,
-               src: Path | None = None) -> Running:
+               src: Path | None = None, http: bool = False) -> Running:
     port = free_port()
+    http_port = free_port()
     cfg = {
         "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port,
                  "receivers": receivers, "max_pdu": 0},
@@ -119,6 +138,7 @@ def start_node(work: Path, receivers: int, fsync: bool = True,
         "completion": {"series_quiet_seconds": 60},
         "worker": {"processes": 0},
         "logging": {"level": "INFO"},
+        "http": {"enabled": http, "port": http_port},
     }
     (work / "node.json").write_text(json.dumps(cfg))  # JSON is YAML
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMNODE_")}
@@ -142,6 +162,9 @@ def start_node(work: Path, receivers: int, fsync: bool = True,
         while time.monotonic() < deadline and b"node ready" not in \
                 (work / "node.log").read_bytes():
             time.sleep(0.1)
+
+    if http:
+        threading.Thread(target=_scrape, args=(http_port, proc), daemon=True).start()
 
     def pids() -> list[int]:
         try:
@@ -228,6 +251,10 @@ def run(args: argparse.Namespace) -> int:
     systems: dict[str, Callable[[Path], Running]] = {}
     for r in args.receivers:
         systems[f"node-r{r}"] = lambda w, r=r: start_node(w, r)  # type: ignore[misc]
+    if args.http:
+        for r in args.receivers:
+            systems[f"http-r{r}"] = lambda w, r=r: start_node(  # type: ignore[misc]
+                w, r, True, None, True)
     if args.nofsync:
         # Diagnostic only (breaks the durability contract): what durability costs.
         for r in args.receivers:
@@ -276,12 +303,17 @@ def run(args: argparse.Namespace) -> int:
         med = {name: statistics.median(times[(name, scen)]) for name in systems}
         for name in systems:
             t = med[name]
-            node = name.startswith(("node", "nofsync", "base"))
+            node = name.startswith(("node", "nofsync", "base", "http"))
             r = f"{statistics.median(rss[(name, scen)]):.0f}" if node else "-"
             vs_o = f"{med['orthanc'] / t:.2f}" if "orthanc" in med else "-"
             vs_d = f"{med['storescp'] / t:.2f}" if "storescp" in med else "-"
             print(f"  {name:<10} {t:>7.2f} {n / t:>7.0f} {nbytes / 1e6 / t:>7.1f} {r:>12} "
                   f"{vs_o:>11} {vs_d:>12}")
+        for name in systems:
+            base = "node-" + name[len("http-"):]
+            if name.startswith("http-") and base in med:
+                print(f"  {name} / {base} (HTTP side on and scraped / off): "
+                      f"time {med[name] / med[base]:.3f}")
     return 0
 
 
@@ -298,6 +330,9 @@ def main() -> int:
     p.add_argument("--nofsync", action="store_true",
                    help="also run the node with storage.fsync off (diagnostic: what durability "
                         "costs; not a valid configuration for a clinical node)")
+    p.add_argument("--http", action="store_true",
+                   help="also measure http-rN: the node with its HTTP side on and scraped "
+                        "every second")
     p.add_argument("--base-src", type=Path, default=None,
                    help="folder holding another version's dicomnode package (e.g. from "
                         "`git archive <rev> dicomnode | tar -x -C DIR`): also measured, as base-rN")

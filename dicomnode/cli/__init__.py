@@ -20,6 +20,7 @@ from typing import Any
 from dicomnode import __version__
 from dicomnode.cli import (
     audit,
+    check,
     db,
     demo,
     jobs,
@@ -34,8 +35,8 @@ from dicomnode.cli import (
 from dicomnode.errors import DicomNodeError
 
 # Order is the order in --help.
-COMMAND_MODULES = (serve, worker_cmd, send, studies, storage, db, models, jobs, routes, audit,
-                   demo)
+COMMAND_MODULES = (serve, worker_cmd, check, send, studies, storage, db, models, jobs,
+                   routes, audit, demo)
 
 
 def add_global_options(parser: argparse.ArgumentParser, *, suppress: bool = False) -> None:

@@ -60,6 +60,7 @@ def _node(workdir: Path, pacs: DemoPacs, log_level: str) -> Iterator[tuple[Any, 
         "models": {"path": str(resolve_models_dir("models"))},
         "worker": {"processes": 1, "poll_seconds": 0.2, "lease_seconds": 120},
         "logging": {"level": log_level},
+        "http": {"port": free_port()},  # not 8080: a real node may be running beside it
         "destinations": [{"name": "demo-pacs", "ae_title": pacs.aet, "host": "127.0.0.1",
                           "port": pacs.port, "formats": ["seg", "sr"]}],
         "routes": [{"name": "brain-t1", "when": {"Modality": "MR",

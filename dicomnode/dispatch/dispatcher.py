@@ -30,6 +30,7 @@ from dicomnode.domain import Delivery, DeliveryState, WakeSignal, worker_identit
 from dicomnode.errors import DispatchError, StoreError
 from dicomnode.logs import kv
 from dicomnode.store import Store
+from dicomnode.telemetry import METRICS, guard
 
 log = logging.getLogger(__name__)
 
@@ -213,16 +214,30 @@ class Dispatcher:
         if ok:
             self.store.delivery_done(d.id, status)
             rep.sent += 1
+            self._metric(rep, what, fields, "done")
             return
         after = self.store.delivery_failed(d.id, error, transient=transient,
                                            peer_status=status, max_attempts=_NO_ATTEMPT_LIMIT)
         if after.state is DeliveryState.FAILED:
+            self._metric(rep, what, fields, "failed")
             rep.failed += 1
             log.error(f"{what} failed", extra=kv(
                 delivery_id=d.id, job_id=d.job_id, destination=rep.destination,
                 **fields, error=after.last_error))
         else:
+            self._metric(rep, what, fields, "retrying")
             rep.retrying += 1
+
+    @staticmethod
+    def _metric(rep: DispatchReport, what: str, fields: dict[str, Any], outcome: str) -> None:
+        with guard():
+            if what == "notification":
+                METRICS.notifications.labels(rep.destination, fields.get("kind", ""),
+                                             outcome).inc()
+            else:
+                METRICS.deliveries.labels(rep.destination, outcome).inc()
+            if outcome == "retrying":
+                METRICS.retries.labels(what).inc()
 
     @staticmethod
     def _summary(rep: DispatchReport, message: str, t0: float, **fields: Any) -> None:

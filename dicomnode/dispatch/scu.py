@@ -480,3 +480,67 @@ def store_files(
             stored=sum(o.ok for o in done), failed=sum(not o.ok for o in done),
             seconds=round(time.monotonic() - t0, 3)))
     return SendResult(destination.name, ordered(), n_assoc)
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    """The answer of :func:`echo`: ``ok`` with the peer's status, or why not."""
+
+    ok: bool
+    message: str
+    seconds: float
+
+
+VERIFICATION = UID("1.2.840.10008.1.1")
+
+
+def echo(destination: DestinationConfig, *, calling_ae_title: str = "DICOMNODE",
+         acse_timeout: float = 10.0, dimse_timeout: float = 10.0,
+         network_timeout: float = 10.0) -> EchoResult:
+    """C-ECHO ``destination`` with the AE title it is sent results with.
+
+    Says which step failed: no connection, association rejected (with the peer's
+    reason), Verification not accepted, no or a non-success C-ECHO response.
+    """
+    calling = destination.calling_ae_title or calling_ae_title
+    peer = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = acse_timeout
+    ae.dimse_timeout = dimse_timeout
+    ae.network_timeout = network_timeout
+    ae.maximum_pdu_size = destination.max_pdu
+    ae.add_requested_context(VERIFICATION)
+    connected: list[bool] = []
+    received: list[Any] = []
+    handlers: list[Any] = [
+        (evt.EVT_CONN_OPEN, lambda _e: connected.append(True)),
+        (evt.EVT_ACSE_RECV, lambda e: received.append(e.primitive)),
+    ]
+    t0 = time.monotonic()
+
+    def result(ok: bool, message: str) -> EchoResult:
+        return EchoResult(ok, message, time.monotonic() - t0)
+
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                         evt_handlers=handlers)
+    if not assoc.is_established:
+        if not connected:
+            return result(False, f"cannot connect to {peer} (connection refused or "
+                                 "unreachable)")
+        if assoc.is_rejected and received:
+            return result(False, f"{peer} rejected the association: "
+                                 f"{_reject_text(received[-1])}")
+        if any(getattr(p, "result", None) == 0x00 for p in received):
+            return result(False, f"{peer} does not accept Verification (C-ECHO)")
+        return result(False, f"{peer} aborted the association during negotiation")
+    try:
+        rsp = assoc.send_c_echo()
+        status = getattr(rsp, "Status", None)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if status is None:
+        return result(False, f"{peer} sent no C-ECHO response (timeout or aborted)")
+    if int(status) != 0x0000:
+        return result(False, f"{peer} answered C-ECHO with status 0x{int(status):04X}")
+    return result(True, f"{peer} answered C-ECHO (0x0000)")

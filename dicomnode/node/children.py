@@ -24,6 +24,7 @@ from dicomnode.domain import worker_identity
 from dicomnode.logs import JsonFormatter, kv, setup_logging
 from dicomnode.node.supervisor import freeze_heap
 from dicomnode.store import Store
+from dicomnode.telemetry import enable_from_env
 from dicomnode.worker import Pipeline, Worker
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ def _child(settings: Settings, wake: WakeUp | None) -> Iterator[tuple[threading.
     setup_logging(settings.logging.level, settings.logging.json, settings.logging.file)
     stop = threading.Event()
     child_signals(stop, wake)
+    enable_from_env()
     store = Store.open(settings)
     try:
         yield stop, store
@@ -140,6 +142,7 @@ def worker_main(settings: Settings, index: int, wake: WakeUp | None = None,
     with _child(settings, jobs) as (stop, store):
         worker = Worker(settings, store, worker_id=worker_identity("worker", index))
         worker.pipeline.on_timeout = lambda: os._exit(3)
+        worker.pipeline.report_models()
         if wake is not None:
             worker.on_deliveries = wake.set
         # Beside the loop, not before it: a job due now need not wait for it.

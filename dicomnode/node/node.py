@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from dicomnode.audit import AuditEvent, AuditLog, config_identity
 from dicomnode.config import Settings
+from dicomnode.errors import ConfigError
 from dicomnode.logs import kv
 from dicomnode.node.receivers import ReceiverPool
 from dicomnode.node.supervisor import (
@@ -38,6 +40,8 @@ from dicomnode.node.supervisor import (
 )
 from dicomnode.receive.scp import StorageSCP
 from dicomnode.store import Store
+from dicomnode.telemetry import METRICS, enable, guard, metrics_dir
+from dicomnode.web import HttpServer, bind_http, create_app
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +78,12 @@ class CompletenessTracker:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                if self.store.complete_quiet_series():
+                done = self.store.complete_quiet_series()
+                if done:
                     for call in self.on_jobs:
                         call()
+                    with guard():
+                        METRICS.series_completed.inc(len(done))
             except Exception:  # noqa: BLE001 - keep tracking; the next tick retries
                 log.exception("completeness check failed")
 
@@ -138,9 +145,19 @@ class Node:
         self.receivers: ReceiverPool | None = None
         self.services: list[Service] = []
         self.audit = AuditLog.from_settings(settings, role="node")
+        self._http_sock: socket.socket | None = None
 
     def start(self) -> None:
         s = self.settings
+        if s.http.enabled:
+            # First: a port in use stops the node before anything listens or spawns;
+            # metrics on before any child starts (they inherit the folder).
+            self._http_sock = bind_http(s.http)
+            try:
+                enable(metrics_dir(s.storage.path))
+            except OSError as exc:
+                raise ConfigError(f"storage.path: cannot create the metrics folder "
+                                  f"{metrics_dir(s.storage.path)}: {exc.strerror or exc}") from None
         self.audit.record(AuditEvent.CONFIGURATION_LOADED, **config_identity(s))
         log.info("applying database migrations", extra=kv(
             url=s.database.url.split("@")[-1]))
@@ -169,6 +186,10 @@ class Node:
                 tracker.on_jobs.append(job_due)
                 if self.scp is not None:
                     self.scp.on_job = job_due
+        if self._http_sock is not None:
+            http = HttpServer(create_app(self), self._http_sock)
+            http.start()
+            self.services.append(http)
         self.audit.record(AuditEvent.APPLICATION_START, ae_title=s.node.ae_title,
                           listen=f"{s.node.host}:{s.node.port}", receivers=s.node.receivers,
                           services=[svc.name for svc in self.services])
@@ -177,6 +198,19 @@ class Node:
             ae_title=s.node.ae_title, host=s.node.host, port=s.node.port,
             receivers=s.node.receivers, storage=str(self.store.root),
             services=[svc.name for svc in self.services], pid=os.getpid()))
+
+    # -- what the HTTP side asks (dicomnode.web.NodeView)
+
+    def scp_listening(self) -> bool:
+        server = self.scp.server if self.scp is not None else None
+        sock = server.socket if server is not None else None
+        return sock is not None and sock.fileno() >= 0
+
+    def service_states(self) -> list[tuple[str, bool]]:
+        states = [(svc.name, svc.alive()) for svc in self.services if svc.name != "http"]
+        if self.receivers is not None:
+            states.append((self.receivers.name, self.receivers.alive()))
+        return states
 
     def _default_services(self) -> list[Service]:
         """The workers and the dispatcher, unless receiving only."""
@@ -205,6 +239,8 @@ class Node:
         if self.store is not None:
             self.store.close()
         self.audit.safe_record(AuditEvent.APPLICATION_STOP)
+        if self._http_sock is not None:
+            self._http_sock.close()
         log.info("node stopped")
 
 

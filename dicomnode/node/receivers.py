@@ -39,6 +39,7 @@ from dicomnode.logs import kv, setup_logging
 from dicomnode.node.supervisor import DeadChild, Proc, Supervisor, freeze_heap
 from dicomnode.receive.scp import StorageSCP
 from dicomnode.store import Store
+from dicomnode.telemetry import enable_from_env
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,7 @@ def receiver_main(settings: Settings, index: int, parent_pid: int, chan: socket.
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    enable_from_env()
     store = Store.open(settings)
     send_lock = threading.Lock()
 

@@ -39,6 +39,7 @@ from dicomnode.domain import JobState, worker_identity
 from dicomnode.errors import StoreError
 from dicomnode.logs import kv
 from dicomnode.store import Store
+from dicomnode.telemetry import process_dead
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ class Supervisor:
                     slot.delay = self.policy.next(slot.delay, now - slot.started)
                     slot.restart_at = now + slot.delay
                     code = slot.proc.exitcode
+                    process_dead(slot.proc.pid)  # its live gauges (active associations)
                     log.error(f"{self.name} process died; restarting", extra=kv(
                         service=self.name, index=slot.index, exitcode=code,
                         restart_in_s=slot.delay))

@@ -54,6 +54,7 @@ from dicomnode.store import (
     UndecodableError,
 )
 from dicomnode.store.parse import read_meta_fast
+from dicomnode.telemetry import METRICS, guard
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +269,7 @@ class StorageSCP:
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -393,9 +395,30 @@ class StorageSCP:
         else:
             log.debug("association requested", extra=kv(**fields))
 
+    def _on_rejected(self, event: Any) -> None:
+        # pynetdicom rejected it (the reasons _on_requested logs, or its own limit).
+        a = event.assoc
+        n = self.settings.node
+        prim = a.requestor.primitive
+        calling = str(prim.calling_ae_title).strip() if prim is not None else ""
+        called = str(prim.called_ae_title).strip() if prim is not None else ""
+        if called != n.ae_title:
+            reason = "called_ae_title"
+        elif n.allowed_calling_aets and calling not in n.allowed_calling_aets:
+            reason = "calling_ae_title"
+        else:
+            reason = "max_associations"
+            log.warning("rejecting association: node.max_associations reached (transient)",
+                        extra=kv(assoc=a.name, calling_aet=calling,
+                                 max_associations=n.max_associations))
+        with guard():
+            METRICS.associations_refused.labels(reason).inc()
+
     def _on_accepted(self, event: Any) -> None:
         with self._lock:
             self._stats[id(event.assoc)] = _AssocStats()
+        with guard():
+            METRICS.associations_active.inc()
         # pid: which receiving process serves it (node.receivers > 1)
         log.info("association accepted", extra=kv(**_assoc_fields(event.assoc),
                                                    pid=os.getpid()))
@@ -407,6 +430,8 @@ class StorageSCP:
             st = self._stats.pop(id(event.assoc), None)
         if st is None:
             return
+        with guard():
+            METRICS.associations_active.dec()
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
         log.info(f"association {how}", extra=kv(
             **_assoc_fields(event.assoc), stored=st.stored, failed=st.failed,
@@ -467,13 +492,16 @@ class StorageSCP:
         (``abstract_syntax``, ``transfer_syntax``).
         """
         try:
-            return self._store_checked(assoc, ctx, sop_uid_cmd, body)
+            status = self._store_checked(assoc, ctx, sop_uid_cmd, body)
         except Exception as exc:  # noqa: BLE001 - any failure is a status, never a crash
             log.exception("C-STORE handler failed", extra=kv(
                 **_assoc_fields(assoc), error=f"{type(exc).__name__}: {exc}",
                 sop_instance_uid=sop_uid_cmd))
             self._count(assoc, False)
-            return INTERNAL_ERROR
+            status = INTERNAL_ERROR
+        # Both receive paths (pynetdicom's handler and the pump) answer here.
+        METRICS.instance(assoc.requestor.ae_title, status, len(body))
+        return status
 
     def _has_space(self, incoming: int) -> bool:
         """``storage.min_free_mb`` is still free after ``incoming`` more bytes.
@@ -535,8 +563,11 @@ class StorageSCP:
             return self._fail(assoc, STORE_FAILED, "cannot record instance", error=str(exc),
                               sop_instance_uid=meta.sop_instance_uid)
         self._count(assoc, True, len(body), meta.study_uid)
-        if result.job is not None and self.on_job is not None:
-            self.on_job()
+        if result.job is not None:
+            with guard():
+                METRICS.series_completed.inc()
+            if self.on_job is not None:
+                self.on_job()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("instance stored", extra=kv(
                 **_assoc_fields(assoc), outcome=result.outcome.value,

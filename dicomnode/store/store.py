@@ -36,7 +36,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from dicomnode.audit import AuditEvent, AuditLog
@@ -55,6 +55,8 @@ from dicomnode.logs import kv
 from dicomnode.store import catalog, db, files, maintenance, outbox, queue, retention
 from dicomnode.store import series as series_mod
 from dicomnode.store._common import aware, naive, seconds, utcnow
+from dicomnode.store._common import deliveries as deliveries_t
+from dicomnode.store._common import jobs as jobs_t
 from dicomnode.store.catalog import StudySummary
 from dicomnode.store.fastrecord import FastRecorder
 from dicomnode.store.outbox import NewDelivery
@@ -741,3 +743,35 @@ class Store:
         st = [DeliveryState(s) for s in states]
         return self._read(lambda c: outbox.list_(c, root=self.root, job_id=job_id, states=st,
                                                  destination=destination, limit=limit))
+
+    # ------------------------------------------------------------------ operations
+
+    def ping(self) -> None:
+        """Raise :class:`StoreError` unless the database answers a query now.
+
+        SQLite: its file must still be at its path (an open connection keeps
+        answering from a file renamed or deleted under it).
+        """
+        url = self.engine.url
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            path = Path(str(url.database))
+            if not path.is_file():
+                raise StoreError(f"database file {path} is missing")
+        try:
+            self._read(lambda c: c.execute(select(1)).scalar())
+        except DBAPIError as exc:
+            raise StoreError(f"database: {exc.orig}") from exc
+
+    def queue_depth(self) -> list[tuple[str, int, int]]:
+        """``(state, priority, count)`` of the jobs, one row per pair present."""
+        q = (select(jobs_t.c.state, jobs_t.c.priority, func.count())
+             .group_by(jobs_t.c.state, jobs_t.c.priority))
+        return self._read(lambda c: [(str(r[0]), int(r[1]), int(r[2]))
+                                     for r in c.execute(q)])
+
+    def outbox_depth(self) -> list[tuple[str, str, int]]:
+        """``(destination, state, count)`` of the deliveries and notifications."""
+        q = (select(deliveries_t.c.destination, deliveries_t.c.state, func.count())
+             .group_by(deliveries_t.c.destination, deliveries_t.c.state))
+        return self._read(lambda c: [(str(r[0]), str(r[1]), int(r[2]))
+                                     for r in c.execute(q)])

@@ -129,7 +129,9 @@ def node_container(
             # still defined and `podman healthcheck run` executes it on demand.
             "--health-interval", "disable",
             "-v", f"{data_dir}:/data", "-e", f"DICOMNODE_NODE__PORT={port}",
-            "-e", "DICOMNODE_NODE__HOST=127.0.0.1"]
+            "-e", "DICOMNODE_NODE__HOST=127.0.0.1",
+            # --network host: containers run in parallel must not all take 8080.
+            "-e", f"DICOMNODE_HTTP__PORT={free_port()}"]
     for k, v in (env or {}).items():
         args += ["-e", f"{k}={v}"]
     if config is not None:

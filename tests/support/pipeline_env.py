@@ -45,6 +45,7 @@ def pipeline_config(tmp: Path, *, routes: Sequence[dict[str, Any]] = (),
                    "backoff_base_seconds": 0.2, "backoff_max_seconds": 1.0},
         "routes": list(routes),
         "destinations": list(destinations),
+        "http": {"enabled": False},  # nodes run in parallel: no fixed port 8080
     }
     for name, values in sections.items():
         if isinstance(values, list):  # e.g. notifications: a list, not a mapping

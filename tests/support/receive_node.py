@@ -79,6 +79,9 @@ def node_config(workdir: Path, port: int, **sections: dict[str, Any]) -> dict[st
         "completion": {"series_quiet_seconds": 30, "check_interval_seconds": 0.2},
         "worker": {"processes": 0},
         "logging": {"level": "INFO"},
+        # Off unless a test is about it (then it gives http={"enabled": True, "port": ...}):
+        # nodes started in parallel would otherwise all ask for port 8080.
+        "http": {"enabled": False, "port": free_port()},
     }
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
