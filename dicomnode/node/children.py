@@ -93,6 +93,41 @@ def die_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def worker_niceness(increment: int, base_pid: int = 0) -> int:
+    """The niceness a worker runs at: ``base_pid``'s (0: this process's) plus
+    ``increment`` (``worker.nice``), capped at 19."""
+    return min(19, os.getpriority(os.PRIO_PROCESS, base_pid) + increment)
+
+
+def lower_priority(pid: int, niceness: int) -> int:
+    """Give every thread of process ``pid`` (0: this one) at least ``niceness``; return
+    the niceness its main thread has after.
+
+    Only ever lowers the priority (raising it back needs privileges). On Linux a
+    niceness belongs to a thread, and new threads inherit their creator's, so the
+    threads already running are set too (``/proc/<pid>/task``). An error (a process
+    already gone, a system refusing it) is logged, never raised: a worker at normal
+    priority still works.
+    """
+    target = pid or os.getpid()
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{target}/task")]
+    except OSError:  # no procfs: the main thread only (POSIX: the whole process)
+        tids = [target]
+    for tid in tids:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
+                os.setpriority(os.PRIO_PROCESS, tid, niceness)
+        except OSError as e:
+            if tid == target:
+                log.warning("could not lower the CPU priority of a worker process",
+                            extra=kv(pid=target, niceness=niceness, error=str(e)))
+    try:
+        return os.getpriority(os.PRIO_PROCESS, target)
+    except OSError:
+        return niceness
+
+
 def parent_logging(settings: Settings) -> Settings:
     """``settings`` with the log level and format the parent actually uses.
 
@@ -137,6 +172,9 @@ def worker_main(settings: Settings, index: int, wake: WakeUp | None = None,
     queued deliveries so that the dispatcher sends them now instead of at its
     next poll. ``jobs``: set by the node when a series completed (a job is due).
     """
+    # Normally already done by the parent right after spawning (see
+    # dicomnode.node.workers._spawner); again here for a worker started otherwise.
+    niceness = lower_priority(0, worker_niceness(settings.worker.nice, os.getppid()))
     with _child(settings, jobs) as (stop, store):
         worker = Worker(settings, store, worker_id=worker_identity("worker", index))
         worker.pipeline.on_timeout = lambda: os._exit(3)
@@ -145,8 +183,9 @@ def worker_main(settings: Settings, index: int, wake: WakeUp | None = None,
         # Beside the loop, not before it: a job due now need not wait for it.
         threading.Thread(target=_warm_up_and_freeze, args=(worker.pipeline,), name="warm-up",
                          daemon=True).start()
-        log.info("worker process ready", extra=kv(worker=worker.worker_id,
-                                                  models=",".join(worker.pipeline.registry.names())))
+        log.info("worker process ready", extra=kv(
+            worker=worker.worker_id, niceness=niceness,
+            models=",".join(worker.pipeline.registry.names())))
         worker.run(stop, wake=jobs)
 
 
@@ -159,5 +198,5 @@ def dispatcher_main(settings: Settings, index: int, wake: WakeUp | None = None) 
         d.run(stop, wake=wake)
 
 
-__all__ = ["WakeUp", "child_signals", "die_with_parent", "dispatcher_main", "parent_logging",
-           "worker_main"]
+__all__ = ["WakeUp", "child_signals", "die_with_parent", "dispatcher_main", "lower_priority",
+           "parent_logging", "worker_main", "worker_niceness"]

@@ -5,14 +5,17 @@
 1. open the store and apply pending migrations (logged),
 2. reconcile the store with the database (files without rows are indexed,
    rows without files flagged, leftover temporary files removed),
-3. start receiving: ``node.receivers - 1`` receiving processes
-   (:mod:`dicomnode.node.receivers`), then the SCP in this process, which
-   accepts every connection and serves it itself or hands it to the least busy
-   receiving process,
-4. start the completeness tracker (a thread turning quiet series into jobs),
-5. start the other :class:`Service` objects: by default (``with_worker=True``,
+3. build the services (below; this loads the pipeline's modules and checks
+   models and routes, before anything is accepted),
+4. start receiving: ``node.receivers - 1`` receiving processes
+   (:mod:`dicomnode.node.receivers`, each ready before the SCP listens), then
+   the SCP in this process, which accepts every connection and serves it itself
+   or hands it to the least busy receiving process,
+5. start the completeness tracker (a thread turning quiet series into jobs) and
+   the other :class:`Service` objects: by default (``with_worker=True``,
    ``worker.processes > 0``) :func:`dicomnode.node.workers.worker_services`, the
-   worker processes and the dispatcher process,
+   worker processes (at ``worker.nice`` lower CPU priority from their start, so
+   their warm-up and models leave the cores to receiving) and the dispatcher,
 6. wait for SIGTERM / SIGINT, then stop everything in reverse order.
 
 :func:`dicomnode.node.workers.run_workers` (``dicomnode worker``) runs those
@@ -108,16 +111,20 @@ class Node:
         self.store.reconcile()
         if not s.node.allowed_calling_aets:
             log.warning("node.allowed_calling_aets is empty: accepting any calling AE title")
+        # Built before listening: loading the pipeline's modules and checking models and
+        # routes is CPU work in this (receiving) process, and a bad configuration must
+        # stop the node before it accepts anything. Started after: the worker processes
+        # then warm up at their lower CPU priority (worker.nice) while receiving runs.
+        tracker = CompletenessTracker(self.store, s.completion.check_interval_seconds)
+        services: list[Service] = [tracker]
+        services += (self._extra if self._extra is not None
+                     else self._default_services())
         extra = s.node.receivers - 1
         if extra:
             self.receivers = ReceiverPool(s, extra)
             self.receivers.start()
         self.scp = StorageSCP(s, self.store, balancer=self.receivers)
         self.scp.start()
-        tracker = CompletenessTracker(self.store, s.completion.check_interval_seconds)
-        services: list[Service] = [tracker]
-        services += (self._extra if self._extra is not None
-                     else self._default_services())
         for svc in services:
             svc.start()
             self.services.append(svc)
