@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dicomnode.config import Settings
 from dicomnode.dispatch.dispatcher import Dispatcher
 from dicomnode.node.children import (
+    Ready,
     WakeUp,
     dispatcher_main,
     lower_priority,
@@ -52,20 +53,24 @@ def worker_services(settings: Settings, *, workers: int | None = None,
         # The node wakes its workers when a series completes (job_due below);
         # they still poll for jobs queued by other hosts and retries.
         jobs = WakeUp()
+        workers_ready = Ready()
         job_release = JobRelease(open_store)
         workers_svc = Supervisor("worker", _spawner(worker_main, child_settings, wake, jobs,
-                                                    nice=settings.worker.nice),
+                                                    workers_ready, nice=settings.worker.nice),
                                  n, release=job_release)
         job_release.own_pids = workers_svc.pids
         workers_svc.job_due = jobs.set
+        workers_svc.wait_ready = lambda timeout: workers_ready.wait(n, timeout)
         out.append(workers_svc)
     if dispatch:
-        extra = (wake,) if wake is not None else ()
+        dispatcher_ready = Ready()
         delivery_release = DeliveryRelease(open_store)
         dispatcher_svc = Supervisor("dispatcher",
-                                    _spawner(dispatcher_main, child_settings, *extra), 1,
+                                    _spawner(dispatcher_main, child_settings, wake,
+                                             dispatcher_ready), 1,
                                     release=delivery_release)
         delivery_release.own_pids = dispatcher_svc.pids
+        dispatcher_svc.wait_ready = lambda timeout: dispatcher_ready.wait(1, timeout)
         out.append(dispatcher_svc)
     return out
 

@@ -1,8 +1,8 @@
 """Receiving first: worker processes run at ``worker.nice`` below the node's CPU priority,
 from their start on; the node process, its receiving processes and the dispatcher do not.
 
-Real ``dicomnode serve`` processes; niceness read from ``/proc/<pid>/task/<tid>/stat``
-(field 19), for every thread.
+The node listens only once those processes run. Real ``dicomnode serve`` processes;
+niceness read from ``/proc/<pid>/task/<tid>/stat`` (field 19), for every thread.
 """
 
 from __future__ import annotations
@@ -98,3 +98,19 @@ def test_worker_nice_out_of_range_is_refused(tmp_path: Path, value: int) -> None
     cfg.write_text(f"worker:\n  nice: {value}\n")
     with pytest.raises(ConfigError, match=r"worker\.nice: must be 0-19"):
         load_settings(cfg)
+
+
+def test_the_node_answers_only_once_its_workers_and_dispatcher_run(tmp_path: Path) -> None:
+    # start_pipeline_node returns at the first C-ECHO the node answers.
+    node = start_pipeline_node(tmp_path / "node", node={"receivers": 2},
+                               worker={"processes": 2})
+    try:
+        log = node.log()
+        assert log.count("worker process ready") == 2, log[-3000:]
+        assert "dispatcher process ready" in log, log[-3000:]
+        assert "not ready in time" not in log
+        wait_until(lambda: "node ready" in node.log(), 30, "node ready", interval=0.1)
+        log = node.log()
+        assert log.index("dispatcher process ready") < log.index("node ready")
+    finally:
+        node.stop()
