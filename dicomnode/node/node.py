@@ -14,7 +14,7 @@
    ``worker.processes > 0``) :func:`dicomnode.node.workers.worker_services`, the
    worker processes (at ``worker.nice`` lower CPU priority from their start, so
    their warm-up and models leave the cores to receiving) and the dispatcher;
-   wait until they run (their imports done; at most a minute),
+   wait until they run (their imports done; at most 30 s),
 6. start the SCP in this process, which accepts every connection and serves it
    itself or hands it to the least busy receiving process,
 7. wait for SIGTERM / SIGINT, then stop everything in reverse order.
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 # How long start-up waits for the worker and dispatcher processes before listening
 # anyway (a child that cannot start is logged and restarted by its supervisor).
-_READY_TIMEOUT_S = 60.0
+_READY_TIMEOUT_S = 30.0
 
 
 @runtime_checkable
