@@ -205,7 +205,7 @@ def worker_main(settings: Settings, index: int, wake: WakeUp | None = None,
     niceness = lower_priority(0, worker_niceness(settings.worker.nice, os.getppid()))
     # Imported here, not at the top: the dispatcher process is spawned from this module
     # too and must not load the pipeline (encoders, highdicom, the model registry, scipy):
-    # measured 0.4 s CPU at its (receiving) priority and ~40 MB RSS at every start.
+    # measured 0.3-0.4 s CPU at its (receiving) priority and ~40 MB RSS at every start.
     from dicomnode.worker import Worker
 
     with _child(settings, jobs) as (stop, store):
