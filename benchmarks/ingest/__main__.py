@@ -344,10 +344,16 @@ def run_receive(args: argparse.Namespace, data: Dataset) -> None:
     _table(args, "receive (serve --no-worker)", list(systems), sends, [""], times, rss)
 
 
+def _worker_extra(args: argparse.Namespace) -> dict[str, Any]:
+    """``--worker-nice``: the node's ``worker.nice`` (default: the setting's default)."""
+    return {} if args.worker_nice is None else {"worker": {"nice": args.worker_nice}}
+
+
 def run_serve(args: argparse.Namespace, data: Dataset) -> None:
     """The default ``serve`` (workers on), just started and warm, against the baselines
     in the same states (sent as soon as each answers, and ``--warm-seconds`` later)."""
-    systems: dict[str, Starter] = {"serve": lambda w: start_node(w, 1, serve=True)}
+    extra = _worker_extra(args)
+    systems: dict[str, Starter] = {"serve": lambda w: start_node(w, 1, serve=True, extra=extra)}
     if args.base_src:
         systems["base-serve"] = lambda w: start_node(w, 1, True, args.base_src, serve=True)
     systems = _baselines(args, systems)
@@ -430,6 +436,7 @@ def run_busy(args: argparse.Namespace, data: Dataset) -> None:
         # model running is the one measured.
         "routes": [{"name": "brain", "when": {"Modality": "MR"}, "models": ["deepbet-brain"]}],
         "completion": {"series_quiet_seconds": 2.0},
+        **_worker_extra(args),
     }
     rows: list[dict[str, float]] = []
     for rep in range(args.repeat):
@@ -522,6 +529,9 @@ def main() -> int:
     p.add_argument("--busy-delay", type=float, default=1.0,
                    help="`busy`: seconds after the MR job is claimed before the CT is sent "
                         "(past loading the MR; default 1)")
+    p.add_argument("--worker-nice", type=int, default=None,
+                   help="`serve` and `busy`: the node's worker.nice (default: the setting's "
+                        "default, 10); 0 shows what the lower priority changes")
     p.add_argument("--nofsync", action="store_true",
                    help="also run the node with storage.fsync off (diagnostic: what durability "
                         "costs; not a valid configuration for a clinical node)")
