@@ -199,6 +199,12 @@ class WorkerConfig:
     for every series (it grows to the largest volume seen): a fresh 300-slice CT volume
     otherwise costs 0.3-0.7 s of page faults in the first job. ``0``: reserve nothing at
     start (the memory is still reused between jobs). Allowed: 0 or more."""
+    nice: int = 10
+    """How much lower the CPU priority of worker processes is than the node's (added to
+    the node's niceness, as ``nice -n``; capped at 19), from the moment they start, so
+    their start-up (imports, model tables, ``worker.volume_buffer_mb``) and a running model
+    leave the cores to receiving (C-STORE) and the dispatcher, which keep the node's
+    priority. ``0``: same priority as receiving. Allowed: 0-19."""
 
     def validate(self) -> None:
         if self.volume_buffer_mb < 0:
@@ -211,6 +217,8 @@ class WorkerConfig:
             raise ConfigError("worker.lease_seconds: must be > 0")
         if self.max_attempts < 1:
             raise ConfigError("worker.max_attempts: must be at least 1")
+        if not 0 <= self.nice <= 19:
+            raise ConfigError("worker.nice: must be 0-19 (0 = same CPU priority as receiving)")
 
 
 @dataclass(frozen=True)

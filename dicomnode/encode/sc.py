@@ -215,6 +215,54 @@ def _source_for_slice(layout: SourceLayout, k: int) -> tuple[Dataset, int | None
     return layout.datasets[k], None
 
 
+# Body parts (BodyPartExamined, PS3.16 CID 4031 / Annex L) that come in pairs: for
+# these Laterality (General Series, Type 2C) is required, empty when the side is unknown.
+_PAIRED_BODY_PARTS = frozenset({
+    "ACJOINT", "ADRENAL", "ANKLE", "ARM", "AXILLA", "BREAST", "CALCANEUS", "CLAVICLE",
+    "EAR", "ELBOW", "EXTREMITY", "EYE", "FEMUR", "FIBULA", "FINGER", "FOOT", "FOREARM",
+    "HAND", "HIP", "HUMERUS", "KIDNEY", "KNEE", "LEG", "LOWEREXTREMITY", "LOWERLEG",
+    "LUNG", "ORBIT", "OVARY", "PAROTID", "PATELLA", "RADIUS", "SCAPULA", "SCJOINT",
+    "SHOULDER", "SIJOINT", "TESTIS", "THIGH", "THUMB", "TIBIA", "TMJ", "TOE", "ULNA",
+    "UPRARM", "UPPERARM", "UPPEREXTREMITY", "URETER", "WRIST",
+})
+# Patient Study module attributes SEG and SR get from highdicom's copy of the source's
+# patient/study context, and SC does not (dcentvfy compares them across the study).
+_PATIENT_STUDY_KEYWORDS = ("AdditionalPatientHistory", "PatientSexNeutered",
+                           "Occupation", "SmokingStatus", "PregnancyStatus",
+                           "LastMenstrualDate", "MedicalAlerts", "Allergies")
+
+
+def _set_laterality(sc: Dataset, src: Dataset) -> None:
+    """Laterality (General Series, Type 2C) and Image Laterality from the source.
+
+    * the source names a side (Laterality R / L, or Image Laterality R, L, U, B):
+      copied;
+    * a paired body part without a side: Laterality present but empty (side unknown);
+    * a known unpaired body part (HEAD, CHEST, ABDOMEN, ...): Laterality absent and
+      Image Laterality ``U`` (unpaired), which is what makes Laterality not required;
+    * no body part: Laterality empty, the DICOM answer for "not known" (the node does
+      not claim a body part is unpaired when the source does not say which it is).
+    """
+    side = str(src.get("Laterality", "") or "").strip().upper()
+    image_side = str(src.get("ImageLaterality", "") or "").strip().upper()
+    body_part = str(src.get("BodyPartExamined", "") or "").strip().upper()
+    if "Laterality" in sc:
+        del sc.Laterality
+    if side in ("R", "L"):
+        sc.Laterality = side
+    if image_side in ("R", "L", "U", "B"):
+        sc.ImageLaterality = image_side
+        if image_side in ("R", "L") and "Laterality" not in sc:
+            sc.Laterality = image_side
+        return
+    if "Laterality" in sc:
+        return
+    if body_part and body_part not in _PAIRED_BODY_PARTS:
+        sc.ImageLaterality = "U"
+    else:
+        sc.Laterality = ""
+
+
 def encode_sc(
     result: InferenceResult,
     sources: Sequence[Dataset],
@@ -288,9 +336,10 @@ def encode_sc(
         if frame is not None:
             ref.ReferencedFrameNumber = frame
         sc.SourceImageSequence = [ref]
-        # Type 2C in General Series; dciodvfy cannot tell whether the body part is
-        # paired, so always present (empty unless the source says more).
-        sc.Laterality = src.get("Laterality", "") or ""
+        _set_laterality(sc, src)
         copy_source_context(sc, src)
+        for kw in _PATIENT_STUDY_KEYWORDS:  # as highdicom copies them into SEG and SR
+            if kw in src and kw not in sc:
+                sc[kw] = src[kw]
         out.append(sc)
     return out

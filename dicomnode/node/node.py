@@ -5,15 +5,19 @@
 1. open the store and apply pending migrations (logged),
 2. reconcile the store with the database (files without rows are indexed,
    rows without files flagged, leftover temporary files removed),
-3. start receiving: ``node.receivers - 1`` receiving processes
-   (:mod:`dicomnode.node.receivers`), then the SCP in this process, which
-   accepts every connection and serves it itself or hands it to the least busy
-   receiving process,
-4. start the completeness tracker (a thread turning quiet series into jobs),
-5. start the other :class:`Service` objects: by default (``with_worker=True``,
+3. build the services (this loads the pipeline's modules and checks models
+   and routes, before anything is accepted),
+4. start ``node.receivers - 1`` receiving processes
+   (:mod:`dicomnode.node.receivers`) and wait until each serves,
+5. start the completeness tracker (a thread turning quiet series into jobs) and
+   the other :class:`Service` objects: by default (``with_worker=True``,
    ``worker.processes > 0``) :func:`dicomnode.node.workers.worker_services`, the
-   worker processes and the dispatcher process,
-6. wait for SIGTERM / SIGINT, then stop everything in reverse order.
+   worker processes (at ``worker.nice`` lower CPU priority from their start, so
+   their warm-up and models leave the cores to receiving) and the dispatcher;
+   wait until they run (their imports done; at most 30 s),
+6. start the SCP in this process, which accepts every connection and serves it
+   itself or hands it to the least busy receiving process,
+7. wait for SIGTERM / SIGINT, then stop everything in reverse order.
 
 :func:`dicomnode.node.workers.run_workers` (``dicomnode worker``) runs those
 services alone against the same database. Every child process is run by the one
@@ -26,6 +30,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -44,6 +49,10 @@ from dicomnode.telemetry import METRICS, enable, guard, metrics_dir
 from dicomnode.web import HttpServer, bind_http, create_app
 
 log = logging.getLogger(__name__)
+
+# How long start-up waits for the worker and dispatcher processes before listening
+# anyway (a child that cannot start is logged and restarted by its supervisor).
+_READY_TIMEOUT_S = 30.0
 
 
 @runtime_checkable
@@ -165,12 +174,12 @@ class Node:
         self.store.reconcile()
         if not s.node.allowed_calling_aets:
             log.warning("node.allowed_calling_aets is empty: accepting any calling AE title")
-        extra = s.node.receivers - 1
-        if extra:
-            self.receivers = ReceiverPool(s, extra)
-            self.receivers.start()
-        self.scp = StorageSCP(s, self.store, balancer=self.receivers)
-        self.scp.start()
+        # Receiving first. Services are built and started before the node listens: loading
+        # the pipeline's modules and checking models and routes is CPU work in this
+        # process, a bad configuration must stop the node before it accepts anything, and
+        # the worker and dispatcher processes' start-up (their imports, the store) must
+        # be over before the first association. The workers' warm-up then continues
+        # beside their loop at their lower CPU priority (worker.nice).
         tracker = CompletenessTracker(self.store, s.completion.check_interval_seconds)
         services: list[Service] = [tracker]
         if RetentionService.wanted(s):
@@ -178,14 +187,23 @@ class Node:
                                              self.audit))
         services += (self._extra if self._extra is not None
                      else self._default_services())
+        extra = s.node.receivers - 1
+        if extra:
+            self.receivers = ReceiverPool(s, extra)
+            self.receivers.start()
+        job_due: Callable[[], None] | None = None
         for svc in services:
             svc.start()
             self.services.append(svc)
-            job_due = getattr(svc, "job_due", None)
-            if callable(job_due):  # workers to wake when a series completes
-                tracker.on_jobs.append(job_due)
-                if self.scp is not None:
-                    self.scp.on_job = job_due
+            due = getattr(svc, "job_due", None)
+            if callable(due):  # workers to wake when a series completes
+                tracker.on_jobs.append(due)
+                job_due = due
+        self._wait_ready(services)
+        self.scp = StorageSCP(s, self.store, balancer=self.receivers)
+        if job_due is not None:
+            self.scp.on_job = job_due
+        self.scp.start()
         if self._http_sock is not None:
             http = HttpServer(create_app(self), self._http_sock)
             http.start()
@@ -211,6 +229,16 @@ class Node:
         if self.receivers is not None:
             states.append((self.receivers.name, self.receivers.alive()))
         return states
+
+    @staticmethod
+    def _wait_ready(services: Sequence[Service]) -> None:
+        """Wait (at most ``_READY_TIMEOUT_S`` in all) until the child processes run."""
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        for svc in services:
+            wait = getattr(svc, "wait_ready", None)
+            if callable(wait) and not wait(max(0.0, deadline - time.monotonic())):
+                log.warning("child processes not ready in time; receiving starts anyway",
+                            extra=kv(service=svc.name, timeout_s=_READY_TIMEOUT_S))
 
     def _default_services(self) -> list[Service]:
         """The workers and the dispatcher, unless receiving only."""

@@ -128,6 +128,9 @@ class Supervisor:
         self.interval = interval
         # Workers only: wakes them when a series completes (the node's tracker and SCP call it).
         self.job_due: Callable[[], None] | None = None
+        # ``wait_ready(timeout)``: True once every child started said it runs (the node
+        # waits for it before listening); set by dicomnode.node.workers.
+        self.wait_ready: Callable[[float], bool] | None = None
         self._slots: list[_Slot] = []
         self._lock = threading.RLock()
         self._stop = threading.Event()

@@ -11,7 +11,15 @@ from collections.abc import Callable
 
 from dicomnode.config import Settings
 from dicomnode.dispatch.dispatcher import Dispatcher
-from dicomnode.node.children import WakeUp, dispatcher_main, parent_logging, worker_main
+from dicomnode.node.children import (
+    Ready,
+    WakeUp,
+    dispatcher_main,
+    lower_priority,
+    parent_logging,
+    worker_main,
+    worker_niceness,
+)
 from dicomnode.node.supervisor import (
     DeliveryRelease,
     JobRelease,
@@ -45,26 +53,36 @@ def worker_services(settings: Settings, *, workers: int | None = None,
         # The node wakes its workers when a series completes (job_due below);
         # they still poll for jobs queued by other hosts and retries.
         jobs = WakeUp()
+        workers_ready = Ready()
         job_release = JobRelease(open_store)
-        workers_svc = Supervisor("worker", _spawner(worker_main, child_settings, wake, jobs),
+        workers_svc = Supervisor("worker", _spawner(worker_main, child_settings, wake, jobs,
+                                                    workers_ready, nice=settings.worker.nice),
                                  n, release=job_release)
         job_release.own_pids = workers_svc.pids
         workers_svc.job_due = jobs.set
+        workers_svc.wait_ready = lambda timeout: workers_ready.wait(n, timeout)
         out.append(workers_svc)
     if dispatch:
-        extra = (wake,) if wake is not None else ()
+        dispatcher_ready = Ready()
         delivery_release = DeliveryRelease(open_store)
         dispatcher_svc = Supervisor("dispatcher",
-                                    _spawner(dispatcher_main, child_settings, *extra), 1,
+                                    _spawner(dispatcher_main, child_settings, wake,
+                                             dispatcher_ready), 1,
                                     release=delivery_release)
         delivery_release.own_pids = dispatcher_svc.pids
+        dispatcher_svc.wait_ready = lambda timeout: dispatcher_ready.wait(1, timeout)
         out.append(dispatcher_svc)
     return out
 
 
 def _spawner(target: Callable[..., None], settings: Settings,
-             *extra: object) -> Callable[[int], Proc]:
-    """``spawn(index)``: start ``target(settings, index, *extra)`` in a spawned process."""
+             *extra: object, nice: int = 0) -> Callable[[int], Proc]:
+    """``spawn(index)``: start ``target(settings, index, *extra)`` in a spawned process.
+
+    ``nice`` > 0: the process runs that much below this one's CPU priority from its
+    first instructions on (set here, right after the exec, not by the child once its
+    imports are done: the imports and warm-up are what must not slow receiving).
+    """
     ctx = mp.get_context("spawn")
     role = getattr(target, "__name__", "child").removesuffix("_main")
 
@@ -72,6 +90,8 @@ def _spawner(target: Callable[..., None], settings: Settings,
         p = ctx.Process(target=target, args=(settings, index, *extra),
                         name=f"dicomnode-{role}-{index}", daemon=True)
         p.start()
+        if nice > 0 and p.pid is not None:
+            lower_priority(p.pid, worker_niceness(nice))
         return p
 
     return spawn
