@@ -23,7 +23,7 @@ from dicomnode.config import Settings
 from dicomnode.dispatch.dispatcher import Dispatcher
 from dicomnode.domain import worker_identity
 from dicomnode.logs import JsonFormatter, kv, setup_logging
-from dicomnode.node.supervisor import freeze_heap
+from dicomnode.node.supervisor import freeze_heap, on_signals
 from dicomnode.store import Store
 from dicomnode.telemetry import enable_from_env
 
@@ -85,14 +85,10 @@ class Ready:
 
 
 def child_signals(stop: threading.Event, wake: WakeUp | None = None) -> None:
-    """SIGTERM / SIGINT set ``stop`` (and ``wake``); the child dies with its parent."""
-    def _stop(*_: object) -> None:
-        stop.set()
-        if wake is not None:
-            wake.set()  # a dispatcher waiting for work returns at once
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    """SIGTERM / SIGINT set ``stop`` (and ``wake``: a dispatcher waiting for work returns
+    at once), through :func:`~dicomnode.node.supervisor.on_signals` (no lock in the
+    handler); the child dies with its parent."""
+    on_signals(stop, *([wake] if wake is not None else []))
     die_with_parent()
 
 

@@ -27,7 +27,6 @@ import logging
 import multiprocessing as mp
 import os
 import selectors
-import signal
 import socket
 import threading
 import time
@@ -36,7 +35,7 @@ from typing import Any
 
 from dicomnode.config import Settings
 from dicomnode.logs import kv, setup_logging
-from dicomnode.node.supervisor import DeadChild, Proc, Supervisor, freeze_heap
+from dicomnode.node.supervisor import DeadChild, Proc, Supervisor, freeze_heap, on_signals
 from dicomnode.receive.scp import StorageSCP
 from dicomnode.store import Store
 from dicomnode.telemetry import enable_from_env
@@ -219,8 +218,7 @@ def receiver_main(settings: Settings, index: int, parent_pid: int, chan: socket.
     """Entry point of a receiving process (spawned, so it starts clean)."""
     setup_logging(settings.logging.level, settings.logging.json, settings.logging.file)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    on_signals(stop)  # no lock in the handler (see on_signals)
     enable_from_env()
     store = Store.open(settings)
     send_lock = threading.Lock()

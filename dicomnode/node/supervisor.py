@@ -43,6 +43,10 @@ from dicomnode.telemetry import process_dead
 
 log = logging.getLogger(__name__)
 
+#: A child that exited cleanly (asked to stop, e.g. by a signal to the whole process
+#: group) is restarted only after this long, unless the supervisor is stopped first.
+CLEAN_EXIT_GRACE_S = 3.0
+
 
 # --------------------------------------------------------------------------- policy
 
@@ -181,12 +185,21 @@ class Supervisor:
                     if slot.proc.is_alive():
                         continue
                     slot.delay = self.policy.next(slot.delay, now - slot.started)
-                    slot.restart_at = now + slot.delay
                     code = slot.proc.exitcode
+                    wait = slot.delay
+                    if code == 0:
+                        # A clean exit is a child told to stop: SIGTERM to the whole
+                        # process group or cgroup (systemd, timeout, Ctrl-C) reaches the
+                        # children with the node. Give the node's own stop the time to
+                        # come before restarting.
+                        wait = max(wait, CLEAN_EXIT_GRACE_S)
+                    slot.restart_at = now + wait
                     process_dead(slot.proc.pid)  # its live gauges (active associations)
-                    log.error(f"{self.name} process died; restarting", extra=kv(
-                        service=self.name, index=slot.index, exitcode=code,
-                        restart_in_s=slot.delay))
+                    log.log(logging.WARNING if code == 0 else logging.ERROR,
+                            f"{self.name} process " + ("exited" if code == 0 else "died")
+                            + "; restarting", extra=kv(
+                                service=self.name, index=slot.index, exitcode=code,
+                                restart_in_s=wait))
                     self._release([self._dead(slot)],
                                   f"{self.name} process died (exit code {code})")
                 if now >= slot.restart_at:
@@ -370,16 +383,42 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+def on_signals(*events: Any, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT),
+               poll: float = 0.05) -> None:
+    """SIGTERM / SIGINT set ``events`` (anything with ``set()``), without a lock in the
+    handler.
+
+    A signal handler runs in the main thread between two bytecodes, possibly while
+    that thread is inside ``Event.wait`` or ``Event.set`` holding the event's
+    (non-reentrant) lock: a handler calling ``Event.set()`` then deadlocks the
+    process. Seen: SIGTERM from ``timeout`` (or systemd) and its process group at
+    once left a node hanging forever in its own handler. So the handler only stores
+    the signal number; a watcher thread sets the events and logs which signal came.
+    """
+    state: dict[str, int] = {}
+
+    def _handler(signum: int, _frame: Any) -> None:
+        state.setdefault("signum", signum)  # a dict store: no lock taken
+
+    def _watch() -> None:
+        while "signum" not in state:
+            time.sleep(poll)
+        log.info("signal received", extra=kv(signal=signal.Signals(state["signum"]).name))
+        for e in events:
+            e.set()
+
+    threading.Thread(target=_watch, name="signal-watch", daemon=True).start()
+    for sig in signals:
+        signal.signal(sig, _handler)
+
+
 @contextmanager
 def stop_on_signals() -> Iterator[threading.Event]:
-    """An event set by SIGTERM / SIGINT while inside; the old handlers come back after."""
+    """An event set (by :func:`on_signals`) on SIGTERM / SIGINT while inside; the old
+    handlers come back after."""
     stop = threading.Event()
-
-    def _signal(signum: int, _frame: Any) -> None:
-        log.info("signal received", extra=kv(signal=signal.Signals(signum).name))
-        stop.set()
-
-    old = {sig: signal.signal(sig, _signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    on_signals(stop)
     try:
         yield stop
     finally:
@@ -404,4 +443,4 @@ def run_until_signalled(start: Callable[[], None], stop: Callable[[], None],
 
 __all__ = ["Backoff", "DeadChild", "DeliveryRelease", "JobRelease", "Proc", "Release",
            "Supervisor", "freeze_heap", "holder_pid", "pid_alive", "release_deliveries",
-           "release_jobs", "run_until_signalled", "stop_on_signals"]
+           "on_signals", "release_jobs", "run_until_signalled", "stop_on_signals"]

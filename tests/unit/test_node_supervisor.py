@@ -230,3 +230,79 @@ def test_supervisor_without_release(count: int) -> None:
     sup.check()
     assert len(procs) == 2 * count
     sup.stop(1.0)
+
+
+def test_a_clean_exit_waits_for_the_nodes_own_stop() -> None:
+    """SIGTERM to the whole process group reaches the children with the node: a child
+    that exited cleanly is not restarted before the node's stop can come."""
+    from dicomnode.node.supervisor import CLEAN_EXIT_GRACE_S
+
+    h = Harness(1)
+    h.sup.start()
+    h.current(1).die(0)  # asked to stop, exited 0
+    h.sup.check()
+    assert h.spawns_of(1) == 1  # not at once, although a first restart usually is
+    h.now += CLEAN_EXIT_GRACE_S - 0.1
+    h.sup.check()
+    assert h.spawns_of(1) == 1
+    h.sup.stop(1.0)  # the node's stop arrives within the grace
+    h.now += 10
+    h.sup.check()
+    assert h.spawns_of(1) == 1
+
+    h2 = Harness(1)
+    h2.sup.start()
+    h2.current(1).die(0)
+    h2.sup.check()
+    h2.now += CLEAN_EXIT_GRACE_S
+    h2.sup.check()  # no stop came: a child that exits on its own is restarted
+    assert h2.spawns_of(1) == 2
+
+
+def test_signal_handler_takes_no_lock() -> None:
+    """A signal can arrive while the main thread holds an Event's (non-reentrant) lock,
+    inside Event.wait or Event.set: a handler that calls Event.set() then deadlocks the
+    node (it did, on two SIGTERMs at once). The handler must only record the signal."""
+    import signal
+    import threading
+
+    from dicomnode.node.supervisor import on_signals
+
+    stop = threading.Event()
+    old = signal.getsignal(signal.SIGUSR1)
+    try:
+        on_signals(stop, signals=(signal.SIGUSR1,))
+        handler = signal.getsignal(signal.SIGUSR1)
+        assert callable(handler)
+        done = threading.Event()
+
+        def arrive_while_locked() -> None:
+            with stop._cond:  # noqa: SLF001 - the lock Event.wait / Event.set hold
+                handler(signal.SIGUSR1, None)
+            done.set()
+
+        t = threading.Thread(target=arrive_while_locked, daemon=True)
+        t.start()
+        t.join(5)
+        assert done.is_set(), "the signal handler blocked on the event's lock"
+        assert stop.wait(5), "the watcher did not set the event"
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+def test_the_old_handler_would_deadlock() -> None:
+    """The check above can fail: a handler calling Event.set() blocks on that lock."""
+    import threading
+
+    stop = threading.Event()
+    done = threading.Event()
+
+    def arrive_while_locked() -> None:
+        with stop._cond:  # noqa: SLF001
+            stop.set()  # what the handler used to do
+        done.set()
+
+    t = threading.Thread(target=arrive_while_locked, daemon=True)
+    t.start()
+    t.join(1)
+    assert not done.is_set()
