@@ -363,8 +363,9 @@ def algorithm_equipment(model: ModelInfo, options: EncodeOptions) -> Dataset:
     purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = \
         PROCESSING_ALGORITHM
     item = Dataset()
-    item.Manufacturer = (model.authors.strip() or options.manufacturer)[:64]
-    item.ManufacturerModelName = model.name[:64]
+    # LO: at most 64 characters, no backslash (it would split the value).
+    item.Manufacturer = _lo(model.authors.strip() or options.manufacturer)
+    item.ManufacturerModelName = _lo(model.name)
     item.SoftwareVersions = [model.version[:64], f"dicomnode {options.node_version}"[:64]]
     item.DeviceUID = uids.algorithm_device_uid(model)
     item.ContributionDescription = (
@@ -373,6 +374,10 @@ def algorithm_equipment(model: ModelInfo, options: EncodeOptions) -> Dataset:
            if model.weights_sha256 else ""))[:1024]
     item.PurposeOfReferenceCodeSequence = [purpose]
     return item
+
+
+def _lo(text: str) -> str:
+    return " ".join(text.replace("\\", "/").split())[:64]
 
 
 def add_algorithm_equipment(ds: Dataset, item: Dataset) -> None:

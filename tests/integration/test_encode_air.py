@@ -143,3 +143,11 @@ def test_manufacturer_is_the_model_authors_when_named(result: InferenceResult) -
     item = _algorithm_items(sr)[0]
     assert item.Manufacturer == "Example Lab, University Hospital"
     assert sr.Manufacturer == "dicomnode"  # General Equipment stays the node
+
+
+def test_authors_with_backslash_and_newline_stay_one_lo_value(result: InferenceResult) -> None:
+    authored = dataclasses.replace(result, model=dataclasses.replace(
+        MODEL, authors="Lab A\\Lab B\n" + "x" * 80))
+    item = _algorithm_items(encode_results(authored, formats=("sr",))[0])[0]
+    assert item.Manufacturer == ("Lab A/Lab B " + "x" * 80)[:64]
+    assert item["Manufacturer"].VM == 1
