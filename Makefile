@@ -57,6 +57,7 @@ lint: setup
 # docs/configuration.md is generated from the settings model (a test fails when it is stale).
 docs: setup
 	$(PY) -m dicomnode.config_docs > docs/configuration.md
+	$(PY) -m dicomnode.conformance
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

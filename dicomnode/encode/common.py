@@ -15,7 +15,8 @@ from pydicom.dataset import Dataset
 
 from dicomnode import __version__
 from dicomnode.compat.highdicom import install_iod_cache, load_standard_tables
-from dicomnode.domain import CodedConcept, InferenceResult, LabelSpec
+from dicomnode.domain import CodedConcept, InferenceResult, LabelSpec, ModelInfo
+from dicomnode.encode import uids
 from dicomnode.errors import EncodeError
 
 if TYPE_CHECKING:
@@ -341,3 +342,46 @@ def copy_source_context(ds: Dataset, src: Dataset) -> None:
             ds[kw] = src[kw]
     if "SpecificCharacterSet" in src:
         ds.SpecificCharacterSet = src.SpecificCharacterSet
+
+
+#: IHE AI Results (AIR) Purpose of Reference of the algorithm's Contributing
+#: Equipment item: (Newcode1, 99IHE, "Processing Algorithm").
+PROCESSING_ALGORITHM = ("Newcode1", "99IHE", "Processing Algorithm")
+
+
+def algorithm_equipment(model: ModelInfo, options: EncodeOptions) -> Dataset:
+    """The IHE AIR Contributing Equipment item that identifies the algorithm.
+
+    Manufacturer is the model's authors when the manifest names them, else the
+    node's manufacturer; Manufacturer's Model Name the model name; Software
+    Versions the model version and the node version; Device UID derived from
+    name, version and weights (:func:`dicomnode.encode.uids.algorithm_device_uid`).
+    Built once per result object (never per frame). highdicom's own
+    ``ContributingEquipment`` only accepts DCM purposes, hence a plain dataset.
+    """
+    purpose = Dataset()
+    purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = \
+        PROCESSING_ALGORITHM
+    item = Dataset()
+    # LO: at most 64 characters, no backslash (it would split the value).
+    item.Manufacturer = _lo(model.authors.strip() or options.manufacturer)
+    item.ManufacturerModelName = _lo(model.name)
+    item.SoftwareVersions = [model.version[:64], f"dicomnode {options.node_version}"[:64]]
+    item.DeviceUID = uids.algorithm_device_uid(model)
+    item.ContributionDescription = (
+        f"{model.family} processing algorithm {model.name} {model.version}"
+        + (f", weights SHA-256 {', '.join(model.weights_sha256)}"
+           if model.weights_sha256 else ""))[:1024]
+    item.PurposeOfReferenceCodeSequence = [purpose]
+    return item
+
+
+def _lo(text: str) -> str:
+    return " ".join(text.replace("\\", "/").split())[:64]
+
+
+def add_algorithm_equipment(ds: Dataset, item: Dataset) -> None:
+    """Append ``item`` to ds's Contributing Equipment Sequence, keeping what is there
+    (highdicom's acquisition-equipment and highdicom items)."""
+    existing = list(ds.get("ContributingEquipmentSequence") or [])
+    ds.ContributingEquipmentSequence = [*existing, item]

@@ -11,6 +11,7 @@ The pixel data come from ``Volume.array``; source files are headers only.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -25,6 +26,8 @@ from dicomnode.encode import uids
 from dicomnode.encode.common import (
     EncodeOptions,
     SourceLayout,
+    add_algorithm_equipment,
+    algorithm_equipment,
     arrange_sources,
     copy_source_context,
     validate_result,
@@ -293,6 +296,7 @@ def encode_sc(
         subject = ", ".join(c.spec.name for c in result.classifications)[:30] + " saliency"
     description = uids.series_description("sc", model, subject)
     orientation = _orientation_letters(vol.affine)
+    equipment = algorithm_equipment(model, options)
     out: list[Dataset] = []
     for n, (k, kind, rgb) in enumerate(images):
         f = rgb.shape[1] // vol.shape[2]
@@ -337,6 +341,7 @@ def encode_sc(
             ref.ReferencedFrameNumber = frame
         sc.SourceImageSequence = [ref]
         _set_laterality(sc, src)
+        add_algorithm_equipment(sc, copy.deepcopy(equipment))
         copy_source_context(sc, src)
         for kw in _PATIENT_STUDY_KEYWORDS:  # as highdicom copies them into SEG and SR
             if kw in src and kw not in sc:

@@ -30,6 +30,8 @@ from dicomnode.encode import uids
 from dicomnode.encode.common import (
     EncodeOptions,
     SourceLayout,
+    add_algorithm_equipment,
+    algorithm_equipment,
     arrange_sources,
     copy_source_context,
     hd_code,
@@ -184,5 +186,6 @@ def encode_seg(
     # Multi-valued LO: highdicom only takes one string without a warning.
     seg["SoftwareVersions"].value = [f"dicomnode {options.node_version}",
                                      f"{model.name} {model.version}"]
+    add_algorithm_equipment(seg, algorithm_equipment(model, options))
     copy_source_context(seg, src0)
     return seg

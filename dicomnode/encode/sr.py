@@ -31,6 +31,8 @@ from dicomnode.domain import ClassificationOutput, InferenceResult, Measurement
 from dicomnode.encode import uids
 from dicomnode.encode.common import (
     EncodeOptions,
+    add_algorithm_equipment,
+    algorithm_equipment,
     arrange_sources,
     copy_source_context,
     hd_code,
@@ -291,5 +293,6 @@ def encode_sr(
         raise EncodeError(f"highdicom refused the report of {model.name!r}: {exc}") from exc
     sr["SoftwareVersions"].value = [f"dicomnode {options.node_version}",
                                     f"{model.name} {model.version}"]
+    add_algorithm_equipment(sr, algorithm_equipment(model, options))
     copy_source_context(sr, src0)
     return sr

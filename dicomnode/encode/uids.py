@@ -72,6 +72,16 @@ def device_uid(manufacturer: str, device_name: str, model: ModelInfo) -> str:
     return derive_uid("device", manufacturer, device_name, model.name, model.version)
 
 
+def algorithm_device_uid(model: ModelInfo) -> str:
+    """Device UID of the processing algorithm (IHE AIR Contributing Equipment).
+
+    Derived from the model's name, version and weights' SHA-256, so that the
+    same algorithm gets the same UID on every node and in every study, and
+    retrained weights under an unchanged version string get a new one.
+    """
+    return derive_uid("algorithm", model.name, model.version, *model.weights_sha256)
+
+
 def series_number(kind: str, source_series_number: int | None, base: int) -> int:
     """Deterministic, readable Series Number: ``base + 10 * source + kind offset``.
 

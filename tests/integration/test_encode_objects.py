@@ -116,9 +116,12 @@ def test_every_object_kind_passes_dciodvfy(results: dict[str, InferenceResult],
         assert r.errors == (), f"{name}:\n{r.output}"
         warnings[name] = r.warnings
     print("dciodvfy warnings:", {k: v for k, v in warnings.items() if v})
-    # Only the known, accepted warning: SC Laterality copied empty from a source that has it empty.
+    # Only the known, accepted warnings: SC Laterality copied empty from a source that has it
+    # empty, and the IHE AIR Device UID in Contributing Equipment (newer than dicom3tools 2022).
     for name, ws in warnings.items():
         for w in ws:
+            if "ContributingEquipmentSequence(0018,a001)[3]/DeviceUID(0018,1002)" in w:
+                continue
             assert name.startswith("sc") or name.endswith(("_2", "_3")), (name, w)
             assert "Laterality" in w, (name, w)
 
