@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -156,8 +157,10 @@ METRICS = Metrics()
 
 
 def metrics_dir(storage: Path) -> Path:
-    """Where the node's processes write their metric files."""
-    return Path(storage) / ".metrics"
+    """Where the node's processes write their metric files: beside the storage folder,
+    not in it (it holds received instances and results only), and per host (the folder
+    is emptied at every start: nodes sharing a storage path must not share it)."""
+    return Path(storage).parent / f".metrics-{socket.gethostname()}"
 
 
 def enable(directory: Path, *, clean: bool = True) -> None:
