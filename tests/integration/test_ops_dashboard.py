@@ -185,3 +185,36 @@ def test_every_metric_the_dashboard_names_is_exported(tmp_path: Path) -> None:
     unshown = sorted(f for f, names in exported.items()
                      if f.startswith("dicomnode_") and not names & on_dashboard)
     assert not unshown, "exported but on no panel: " + ", ".join(unshown)
+
+
+# The fixed parts of the messages docs/operations.md "Troubleshooting" quotes
+# (harvested from real runs: DCMTK senders, a PACS without SEG, an HL7 listener
+# answering AE / AR, a full disk, a corrupted weights file). A message reworded in
+# the code must be reworded in the docs too.
+QUOTED = (
+    "rejecting association: called AE title is not ours",
+    "rejecting association: calling AE title not allowed",
+    "rejecting association: node.max_associations reached (transient)",
+    "accepted no presentation context for",
+    "nor little endian fallbacks",
+    "delivery failed",
+    "notification failed",
+    "refusing instance: disk space below minimum",
+    "refusing to load a modified or corrupt model",
+    "rejected the message",
+    "(application error)",
+    "http: not ready",
+    "C-STOREs are refused with 0xA700",
+    "the worker processes have not reported their models yet",
+    "process died; restarting",
+    "store not open",
+)
+
+
+def test_troubleshooting_quotes_the_node_s_messages() -> None:
+    docs = (REPO / "docs" / "operations.md").read_text()
+    section = docs.split("\n## Troubleshooting\n", 1)[1]
+    code = "\n".join(p.read_text() for p in (REPO / "dicomnode").rglob("*.py"))
+    for text in QUOTED:
+        assert text in section, f"not in the Troubleshooting section: {text!r}"
+        assert text in code, f"the node no longer writes {text!r}: update docs/operations.md"
