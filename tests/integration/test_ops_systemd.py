@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -102,6 +103,14 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     # Nothing at all to say about the unit (warnings included).
     assert "dicomnode.service" not in res.stderr, res.stderr
+    # systemd's own exposure score (0 best, 10 worst): "OK" is below 4.
+    sec = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)],
+                         capture_output=True, text=True, timeout=60)
+    m = re.search(r"Overall exposure level for dicomnode\.service: ([0-9.]+)", sec.stdout)
+    if m is None and "--offline" in sec.stderr:
+        return  # systemd older than 250: no offline analysis
+    assert m is not None, sec.stdout + sec.stderr
+    assert float(m.group(1)) <= 2.0, sec.stdout
 
 
 def test_exec_start_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
