@@ -31,7 +31,7 @@ from tests.support.dispatch_container import (
     podman_available,
 )
 from tests.support.infer_data import cranium_ct_series
-from tests.support.peers import dciodvfy, dcmtk, orthanc_running
+from tests.support.peers import dciodvfy, dcmtk, free_port, orthanc_running
 from tests.support.pipeline_env import orthanc_by_modality, orthanc_instance_file
 from tests.support.pipeline_node import orthanc_send_study, wait_until
 
@@ -177,6 +177,8 @@ def test_compose_configuration_both_ways(image: str, tmp_path: Path) -> None:
         assert pacs_dest["host"] == "orthanc"
         pacs_dest.update(host="127.0.0.1", port=pacs.dicom_port)
         node_cfg["completion"] = {"series_quiet_seconds": 2, "check_interval_seconds": 0.2}
+        # compose's network is this host's here (--network host): loopback, a free port.
+        node_cfg["http"].update(host="127.0.0.1", port=free_port())
         config = tmp_path / "node.yaml"
         config.write_text(yaml.safe_dump(node_cfg))
         config.chmod(0o644)

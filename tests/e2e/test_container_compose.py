@@ -39,7 +39,7 @@ def test_compose_files_agree() -> None:
     orthanc_cfg = json.loads((DOCKER / "orthanc.json").read_text())
     settings = load_settings(DOCKER / "compose.node.yaml", environ={})
     services = compose["services"]
-    assert set(services) == {"orthanc", "dicomnode"}
+    assert set(services) == {"orthanc", "dicomnode", "prometheus", "grafana"}
     # node -> Orthanc
     pacs = settings.destination("pacs")
     assert (pacs.ae_title, pacs.host, pacs.port) == (orthanc_cfg["DicomAet"], "orthanc",
