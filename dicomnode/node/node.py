@@ -68,18 +68,19 @@ class Service(Protocol):
     def alive(self) -> bool: ...
 
 
-class CompletenessTracker:
-    """Thread: every ``completion.check_interval_seconds`` completes quiet series."""
+class PeriodicService:
+    """A thread calling :meth:`tick` every ``interval`` seconds until stopped; a failing
+    tick is logged and the next one tries again."""
 
-    name = "completeness-tracker"
+    name = "periodic"
 
-    def __init__(self, store: Store, interval: float) -> None:
-        self.store = store
+    def __init__(self, interval: float) -> None:
         self.interval = interval
-        # Called when series completed (the node's workers claim their jobs now).
-        self.on_jobs: list[Callable[[], None]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+
+    def tick(self) -> None:
+        raise NotImplementedError
 
     def start(self) -> None:
         self._thread.start()
@@ -87,14 +88,9 @@ class CompletenessTracker:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                done = self.store.complete_quiet_series()
-                if done:
-                    for call in self.on_jobs:
-                        call()
-                    with guard():
-                        METRICS.series_completed.inc(len(done))
-            except Exception:  # noqa: BLE001 - keep tracking; the next tick retries
-                log.exception("completeness check failed")
+                self.tick()
+            except Exception:  # noqa: BLE001 - keep the node up; the next tick retries
+                log.exception(f"{self.name} failed")
 
     def stop(self, timeout: float) -> None:
         self._stop.set()
@@ -104,18 +100,36 @@ class CompletenessTracker:
         return self._thread.is_alive()
 
 
-class RetentionService:
-    """Thread: every ``retention.interval_seconds`` applies the retention rules
+class CompletenessTracker(PeriodicService):
+    """Every ``completion.check_interval_seconds``: completes quiet series."""
+
+    name = "completeness-tracker"
+
+    def __init__(self, store: Store, interval: float) -> None:
+        super().__init__(interval)
+        self.store = store
+        # Called when series completed (the node's workers claim their jobs now).
+        self.on_jobs: list[Callable[[], None]] = []
+
+    def tick(self) -> None:
+        done = self.store.complete_quiet_series()
+        if done:
+            for call in self.on_jobs:
+                call()
+            with guard():
+                METRICS.series_completed.inc(len(done))
+
+
+class RetentionService(PeriodicService):
+    """Every ``retention.interval_seconds``: applies the retention rules
     (:meth:`dicomnode.store.Store.purge`, audited)."""
 
     name = "retention"
 
     def __init__(self, store: Store, interval: float, audit: AuditLog) -> None:
+        super().__init__(interval)
         self.store = store
-        self.interval = interval
         self.audit = audit
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
 
     @staticmethod
     def wanted(settings: Settings) -> bool:
@@ -123,22 +137,8 @@ class RetentionService:
         return r.interval_seconds > 0 and bool(
             r.instances_days or r.per_calling_aet or r.results_days or r.high_water_percent)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.store.purge(audit=self.audit)
-            except Exception:  # noqa: BLE001 - keep the node up; the next round retries
-                log.exception("retention purge failed")
-
-    def stop(self, timeout: float) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
-
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+    def tick(self) -> None:
+        self.store.purge(audit=self.audit)
 
 
 class Node:

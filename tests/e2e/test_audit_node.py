@@ -74,3 +74,42 @@ def test_node_audit_trail(tmp_path: Path) -> None:
     assert action[0]["source"]["role"] == "cli" and action[0]["user"]
     count, problems = verify(read(work / "audit.jsonl"))
     assert problems == [] and count == len(trail)
+
+
+def test_serve_applies_retention_but_never_to_what_is_owed(tmp_path: Path) -> None:
+    """The node's periodic purge: a study whose job is still pending stays, however old;
+    once the job is cancelled (terminal) the next round purges it, audited."""
+    study, series = generate_uid(), generate_uid()
+    files = [make_instance(tmp_path / "in" / f"{i}.dcm", study_uid=study, series_uid=series,
+                           instance_number=i) for i in range(1, 4)]
+    work = tmp_path / "node"
+    with node_running(work, completion={"series_quiet_seconds": 0.5,
+                                        "check_interval_seconds": 0.2},
+                      retention={"instances_days": 1e-5, "interval_seconds": 0.5}) as node:
+        r = dcmtk("storescu", "-aec", node.ae_title, "127.0.0.1", str(node.port),
+                  *map(str, files))
+        assert r.returncode == 0, r.stderr
+        storage = work / "storage" / study
+
+        def jobs() -> list[dict]:
+            out = subprocess.run([sys.executable, "-m", "dicomnode", "jobs", "list", "--json",
+                                  "--config", str(node.config_path)],
+                                 capture_output=True, text=True, timeout=60)
+            return json.loads(out.stdout or "[]")
+
+        deadline = time.monotonic() + 30
+        while not jobs() and time.monotonic() < deadline:
+            time.sleep(0.3)
+        (job,) = jobs()
+        time.sleep(3)  # several purge rounds: the pending job holds the study
+        assert len(list(storage.rglob("*.dcm"))) == 3
+        subprocess.run([sys.executable, "-m", "dicomnode", "jobs", "cancel", str(job["id"]),
+                        "--config", str(node.config_path)], check=True, capture_output=True,
+                       timeout=60)
+        deadline = time.monotonic() + 30
+        while storage.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not storage.exists()
+    purged = [r for r in _trail(work) if r["event"] == "instances-purged"]
+    assert [(r["study_uid"], r["instances"], r["source"]["role"]) for r in purged] == \
+        [(study, 3, "node")]
