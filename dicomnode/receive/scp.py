@@ -8,6 +8,8 @@ docs/receiving.md):
 ========  ============================================================
 0xA700    free disk below ``storage.min_free_mb`` (checked before writing)
 0xA701    the store could not write the file or commit the row
+0xA702    data set larger than ``storage.max_instance_mb`` (nothing written)
+0xA703    the series would exceed ``storage.max_series_instances`` / ``_mb``
 0xA900    SOP Class (or Instance) UID in the dataset differs from the request
 0xC210    dataset cannot be decoded
 0xC220    Study/Series/SOP Instance UID or SOP Class UID missing
@@ -61,6 +63,9 @@ log = logging.getLogger(__name__)
 SUCCESS = 0x0000
 OUT_OF_DISK = 0xA700
 STORE_FAILED = 0xA701
+# PS3.4 C.4.2.1.4: A7xx is "Refused: Out of Resources"; the low byte is ours.
+INSTANCE_TOO_LARGE = 0xA702
+SERIES_TOO_LARGE = 0xA703
 SOP_MISMATCH = 0xA900
 CANNOT_DECODE = 0xC210
 MISSING_ATTRIBUTE = 0xC220
@@ -361,7 +366,10 @@ class StorageSCP:
             raw = assoc_sock.socket
             if flag.taken and raw is not None:
                 try:
-                    hb = pump.Pump(assoc, raw, flag, self._store_bytes).run()
+                    hb = pump.Pump(assoc, raw, flag, self._store_bytes,
+                                   max_dataset=self._max_instance_bytes(),
+                                   too_large=self._refuse_too_large,
+                                   max_pdu=self.settings.node.max_pdu).run()
                 except Exception as exc:  # noqa: BLE001 - never leave the association hanging
                     log.exception("receive loop failed: aborting association", extra=kv(
                         **_assoc_fields(assoc), error=f"{type(exc).__name__}: {exc}"))
@@ -409,7 +417,8 @@ class StorageSCP:
         else:
             reason = "max_associations"
             log.warning("rejecting association: node.max_associations reached (transient)",
-                        extra=kv(assoc=a.name, calling_aet=calling,
+                        extra=kv(assoc=a.name, calling_aet=calling, called_aet=called,
+                                 peer=f"{a.requestor.address}:{a.requestor.port}",
                                  max_associations=n.max_associations))
         with guard():
             METRICS.associations_refused.labels(reason).inc()
@@ -503,6 +512,40 @@ class StorageSCP:
         METRICS.instance(assoc.requestor.ae_title, status, len(body))
         return status
 
+    def _max_instance_bytes(self) -> int:
+        return int(self.settings.storage.max_instance_mb * 1048576)
+
+    def _refuse_too_large(self, assoc: Any, ctx: Any, sop_uid_cmd: str, size: int) -> int:
+        """The answer to a data set over ``storage.max_instance_mb`` (nothing written)."""
+        status = self._fail(assoc, INSTANCE_TOO_LARGE,
+                            "refusing instance: larger than storage.max_instance_mb",
+                            mb=round(size / 1048576, 2),
+                            max_instance_mb=self.settings.storage.max_instance_mb,
+                            sop_instance_uid=sop_uid_cmd)
+        with guard():
+            METRICS.instance(assoc.requestor.ae_title, status, size)
+        return status
+
+    def _series_room(self, assoc: Any, series_uid: str, sop_uid: str, size: int) -> int | None:
+        """A refusal status if this instance would take its series over
+        ``storage.max_series_instances`` / ``storage.max_series_mb``."""
+        cfg = self.settings.storage
+        if not cfg.max_series_instances and not cfg.max_series_mb:
+            return None
+        count, nbytes = self.store.series_usage(series_uid, sop_uid)
+        if cfg.max_series_instances and count + 1 > cfg.max_series_instances:
+            return self._fail(assoc, SERIES_TOO_LARGE,
+                              "refusing instance: series holds storage.max_series_instances",
+                              series_uid=series_uid, instances=count,
+                              max_series_instances=cfg.max_series_instances,
+                              sop_instance_uid=sop_uid)
+        if cfg.max_series_mb and nbytes + size > cfg.max_series_mb * 1048576:
+            return self._fail(assoc, SERIES_TOO_LARGE,
+                              "refusing instance: series would exceed storage.max_series_mb",
+                              series_uid=series_uid, mb=round(nbytes / 1048576, 2),
+                              max_series_mb=cfg.max_series_mb, sop_instance_uid=sop_uid)
+        return None
+
     def _has_space(self, incoming: int) -> bool:
         """``storage.min_free_mb`` is still free after ``incoming`` more bytes.
 
@@ -522,6 +565,14 @@ class StorageSCP:
 
     def _store_checked(self, assoc: Any, ctx: Any, sop_uid_cmd: str,
                        body: bytes | bytearray) -> int:
+        limit = self._max_instance_bytes()
+        if limit and len(body) > limit:
+            # pynetdicom's own path has the whole data set in memory by now (never on disk).
+            return self._fail(assoc, INSTANCE_TOO_LARGE,
+                              "refusing instance: larger than storage.max_instance_mb",
+                              mb=round(len(body) / 1048576, 2),
+                              max_instance_mb=self.settings.storage.max_instance_mb,
+                              sop_instance_uid=sop_uid_cmd)
         if not self._has_space(len(body)):
             return self._fail(assoc, OUT_OF_DISK, "refusing instance: disk space below minimum",
                               free_mb=round(self.store.free_mb()),
@@ -552,6 +603,9 @@ class StorageSCP:
             return self._fail(assoc, SOP_MISMATCH, "SOP Instance UID differs from the command",
                               dataset_sop_instance=meta.sop_instance_uid,
                               command_sop_instance=sop_uid_cmd)
+        refused = self._series_room(assoc, meta.series_uid, meta.sop_instance_uid, len(body))
+        if refused is not None:
+            return refused
         meta = meta.with_peer(calling, self.settings.node.ae_title)
         try:
             result = self.store.ingest(meta, (head, body))

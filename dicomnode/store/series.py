@@ -218,6 +218,19 @@ def existing_instance(conn: Connection, sop_uid: str) -> tuple[str, bool, int] |
     return None if r is None else (r.path, bool(r.file_missing), r.version)
 
 
+def series_usage(conn: Connection, series_uid: str, except_sop_uid: str) -> tuple[int, int]:
+    """``(instances, bytes)`` the series holds on disk (rows flagged ``file_missing``
+    left out), not counting ``except_sop_uid`` (an instance received again replaces
+    itself)."""
+    q = (select(func.count(instances.c.id), func.coalesce(func.sum(instances.c.size), 0))
+         .select_from(instances.join(series, instances.c.series_id == series.c.id))
+         .where(series.c.series_uid == series_uid,
+                instances.c.sop_instance_uid != except_sop_uid,
+                instances.c.file_missing.is_(False)))
+    r = conn.execute(q).one()
+    return int(r[0]), int(r[1])
+
+
 def flag_file_missing(conn: Connection, sop_uid: str, relpath: str) -> None:
     """Flag the row of an instance whose file at ``relpath`` failed to become durable."""
     conn.execute(update(instances).where(instances.c.sop_instance_uid == sop_uid,

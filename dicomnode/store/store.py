@@ -264,6 +264,12 @@ class Store:
             files.remove_quietly(self.root / replaced)
         return result
 
+    def series_usage(self, series_uid: str, except_sop_uid: str = "") -> tuple[int, int]:
+        """``(instances, bytes)`` series ``series_uid`` holds (all its versions: a
+        version holds every instance received before it), not counting
+        ``except_sop_uid``."""
+        return self._read(lambda c: series_mod.series_usage(c, series_uid, except_sop_uid))
+
     def _existing(self, sop_uid: str) -> tuple[str, bool, int] | None:
         return self._read(lambda c: series_mod.existing_instance(c, sop_uid))
 
