@@ -140,6 +140,18 @@ def _recv_exactly(assoc_sock: Any, nr_bytes: int) -> bytearray:
         view.release()
     if got < nr_bytes:
         del buf[got:]
+    limit = getattr(assoc_sock, "pdu_limit", 0)
+    if limit and nr_bytes == 6 and got == 6 and buf[0] == 0x04:
+        # A P-DATA-TF header (pynetdicom reads each PDU's 6-byte header, then its
+        # body): refuse one longer than we announced before its bytes are read.
+        length = int.from_bytes(buf[2:6], "big")
+        if length > limit:
+            assoc = getattr(assoc_sock, "pdu_assoc", None)
+            log.warning("protocol error from peer: aborting association", extra=kv(
+                **(_assoc_fields(assoc) if assoc is not None else {}),
+                error=f"P-DATA-TF PDU of {length} bytes exceeds node.max_pdu ({limit})"))
+            # As if the connection had closed: pynetdicom drops it (Evt17) quietly.
+            return bytearray()
     return buf
 
 
@@ -339,6 +351,9 @@ class StorageSCP:
         # pynetdicom reads PDUs 4 KiB per recv() call (130 calls and copies for
         # a CT slice); read straight into the PDU buffer instead.
         assoc_sock.recv = types.MethodType(_recv_exactly, assoc_sock)
+        if self.settings.node.max_pdu:
+            assoc_sock.pdu_limit = self.settings.node.max_pdu
+            assoc_sock.pdu_assoc = event.assoc
         if type(assoc_sock) is AssociationSocket:
             assoc_sock.__class__ = WaitingSocket
         fastrsp.install(event.assoc.dimse)
@@ -532,7 +547,11 @@ class StorageSCP:
         cfg = self.settings.storage
         if not cfg.max_series_instances and not cfg.max_series_mb:
             return None
-        count, nbytes = self.store.series_usage(series_uid, sop_uid)
+        try:
+            count, nbytes = self.store.series_usage(series_uid, sop_uid)
+        except StoreError as exc:
+            return self._fail(assoc, STORE_FAILED, "cannot check the series size limit",
+                              error=str(exc), sop_instance_uid=sop_uid)
         if cfg.max_series_instances and count + 1 > cfg.max_series_instances:
             return self._fail(assoc, SERIES_TOO_LARGE,
                               "refusing instance: series holds storage.max_series_instances",

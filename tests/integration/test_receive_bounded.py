@@ -148,8 +148,10 @@ def test_association_over_max_associations_is_logged(tmp_path: Path) -> None:
     assert "TESTSCU" in line and "127.0.0.1:" in line
 
 
-def test_pdu_over_node_max_pdu_aborts_with_a_log_line(tmp_path: Path) -> None:
-    n = start_node(tmp_path / "node", node={"max_pdu": 16384})
+@pytest.mark.parametrize("fast_receive", [True, False], ids=["pump", "pynetdicom"])
+def test_pdu_over_node_max_pdu_aborts_with_a_log_line(tmp_path: Path,
+                                                      fast_receive: bool) -> None:
+    n = start_node(tmp_path / "node", node={"max_pdu": 16384, "fast_receive": fast_receive})
     try:
         path = make_instance(tmp_path / "big.dcm", rows=BIG_ROWS)
         uid, data = _uid(path), dataset_bytes(path)
@@ -164,4 +166,4 @@ def test_pdu_over_node_max_pdu_aborts_with_a_log_line(tmp_path: Path) -> None:
     finally:
         assert n.stop() == 0, n.log()[-3000:]
     line = next(ln for ln in n.log().splitlines() if "exceeds node.max_pdu" in ln)
-    assert "127.0.0.1:" in line
+    assert "127.0.0.1:" in line and "RAWSCU" in line
