@@ -11,6 +11,10 @@ for every repetition:
 * ``http-rN`` (``--http``): ``node-rN`` with its HTTP side on and a client
   asking ``/metrics`` and ``/readyz`` every second while instances arrive (the
   ``node-rN`` runs have ``http.enabled: false``);
+* ``limits-rN`` (``--limits``): ``node-rN`` with the size limits on
+  (``storage.max_instance_mb``, ``max_series_instances``, ``max_series_mb`` set
+  above the data, so nothing is refused but every check runs: one series-usage
+  query per instance);
 * ``storescp``: DCMTK ``storescp --fork`` writing files (no database, no fsync);
 * ``orthanc``: Orthanc (Debian package), default SQLite index, no plugins.
 
@@ -126,14 +130,19 @@ def _scrape(http_port: int, proc: subprocess.Popen[bytes]) -> None:
         time.sleep(1.0)
 
 
+LIMITS = {"max_instance_mb": 64, "max_series_instances": 100000, "max_series_mb": 100000}
+
+
 def start_node(work: Path, receivers: int, fsync: bool = True,
-               src: Path | None = None, http: bool = False) -> Running:
+               src: Path | None = None, http: bool = False,
+               limits: bool = False) -> Running:
     port = free_port()
     http_port = free_port()
     cfg = {
         "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port,
                  "receivers": receivers, "max_pdu": 0},
-        "storage": {"path": str(work / "storage"), "min_free_mb": 0, "fsync": fsync},
+        "storage": {"path": str(work / "storage"), "min_free_mb": 0, "fsync": fsync,
+                    **(LIMITS if limits else {})},
         "database": {"url": f"sqlite:///{work / 'dicomnode.db'}"},
         "completion": {"series_quiet_seconds": 60},
         "worker": {"processes": 0},
@@ -255,6 +264,10 @@ def run(args: argparse.Namespace) -> int:
         for r in args.receivers:
             systems[f"http-r{r}"] = lambda w, r=r: start_node(  # type: ignore[misc]
                 w, r, True, None, True)
+    if args.limits:
+        for r in args.receivers:
+            systems[f"limits-r{r}"] = lambda w, r=r: start_node(  # type: ignore[misc]
+                w, r, limits=True)
     if args.nofsync:
         # Diagnostic only (breaks the durability contract): what durability costs.
         for r in args.receivers:
@@ -303,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
         med = {name: statistics.median(times[(name, scen)]) for name in systems}
         for name in systems:
             t = med[name]
-            node = name.startswith(("node", "nofsync", "base", "http"))
+            node = name.startswith(("node", "nofsync", "base", "http", "limits"))
             r = f"{statistics.median(rss[(name, scen)]):.0f}" if node else "-"
             vs_o = f"{med['orthanc'] / t:.2f}" if "orthanc" in med else "-"
             vs_d = f"{med['storescp'] / t:.2f}" if "storescp" in med else "-"
@@ -313,6 +326,10 @@ def run(args: argparse.Namespace) -> int:
             base = "node-" + name[len("http-"):]
             if name.startswith("http-") and base in med:
                 print(f"  {name} / {base} (HTTP side on and scraped / off): "
+                      f"time {med[name] / med[base]:.3f}")
+            base = "node-" + name[len("limits-"):]
+            if name.startswith("limits-") and base in med:
+                print(f"  {name} / {base} (size limits checked / unlimited): "
                       f"time {med[name] / med[base]:.3f}")
     return 0
 
@@ -327,6 +344,8 @@ def main() -> int:
                    default=[1, 2, 3], help="node.receivers variants (default 1,2,3)")
     p.add_argument("--only", type=lambda s: s.split(","), default=None,
                    help="comma-separated system name prefixes (node, storescp, orthanc)")
+    p.add_argument("--limits", action="store_true",
+                   help="also run the node with the storage size limits on (limits-rN)")
     p.add_argument("--nofsync", action="store_true",
                    help="also run the node with storage.fsync off (diagnostic: what durability "
                         "costs; not a valid configuration for a clinical node)")

@@ -50,6 +50,7 @@ from dicomnode.errors import StoreError
 from dicomnode.logs import kv
 from dicomnode.receive import fastrsp, pump
 from dicomnode.store import (
+    IngestOutcome,
     InvalidUIDError,
     MissingAttributeError,
     Store,
@@ -257,6 +258,8 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._space_at = -1e9
         self._space_free = 0.0
+        # Series UID -> [instances, bytes, when asked] (storage.max_series_*).
+        self._series_seen: dict[str, list[Any]] = {}
         # Called when an instance completed its series by count (a job is due).
         self.on_job: Any = None
         self.audit = AuditLog.from_settings(settings, role="scp")
@@ -541,17 +544,39 @@ class StorageSCP:
             METRICS.instance(assoc.requestor.ae_title, status, size)
         return status
 
+    def _series_fits(self, count: int, nbytes: int, size: int) -> bool:
+        cfg = self.settings.storage
+        return not ((cfg.max_series_instances and count + 1 > cfg.max_series_instances)
+                    or (cfg.max_series_mb and nbytes + size > cfg.max_series_mb * 1048576))
+
     def _series_room(self, assoc: Any, series_uid: str, sop_uid: str, size: int) -> int | None:
         """A refusal status if this instance would take its series over
-        ``storage.max_series_instances`` / ``storage.max_series_mb``."""
+        ``storage.max_series_instances`` / ``storage.max_series_mb``.
+
+        What the series holds is asked of the store at most every ``_SPACE_CHECK_S``
+        seconds per series and process, plus what this process stored since; an
+        instance that seems not to fit is checked against the store before refusing
+        (an instance sent again replaces itself and always fits).
+        """
         cfg = self.settings.storage
         if not cfg.max_series_instances and not cfg.max_series_mb:
             return None
+        now = time.monotonic()
+        with self._lock:
+            seen = self._series_seen.get(series_uid)
+        if (seen is not None and now - seen[2] <= _SPACE_CHECK_S
+                and self._series_fits(seen[0], seen[1], size)):
+            return None
         try:
-            count, nbytes = self.store.series_usage(series_uid, sop_uid)
+            count, nbytes = self.store.series_usage(series_uid, sop_uid,
+                                                    with_bytes=bool(cfg.max_series_mb))
         except StoreError as exc:
             return self._fail(assoc, STORE_FAILED, "cannot check the series size limit",
                               error=str(exc), sop_instance_uid=sop_uid)
+        with self._lock:
+            if len(self._series_seen) > 4096:
+                self._series_seen.clear()
+            self._series_seen[series_uid] = [count, nbytes, now]
         if cfg.max_series_instances and count + 1 > cfg.max_series_instances:
             return self._fail(assoc, SERIES_TOO_LARGE,
                               "refusing instance: series holds storage.max_series_instances",
@@ -636,6 +661,12 @@ class StorageSCP:
             return self._fail(assoc, STORE_FAILED, "cannot record instance", error=str(exc),
                               sop_instance_uid=meta.sop_instance_uid)
         self._count(assoc, True, len(body), meta.study_uid)
+        if result.outcome is IngestOutcome.STORED and self._series_seen:
+            with self._lock:
+                seen = self._series_seen.get(meta.series_uid)
+                if seen is not None:
+                    seen[0] += 1
+                    seen[1] += len(body)
         if result.job is not None:
             with guard():
                 METRICS.series_completed.inc()

@@ -264,11 +264,13 @@ class Store:
             files.remove_quietly(self.root / replaced)
         return result
 
-    def series_usage(self, series_uid: str, except_sop_uid: str = "") -> tuple[int, int]:
-        """``(instances, bytes)`` series ``series_uid`` holds (all its versions: a
+    def series_usage(self, series_uid: str, except_sop_uid: str = "", *,
+                     with_bytes: bool = True) -> tuple[int, int]:
+        """``(instances, bytes)`` series ``series_uid`` holds (its newest version: a
         version holds every instance received before it), not counting
-        ``except_sop_uid``."""
-        return self._read(lambda c: series_mod.series_usage(c, series_uid, except_sop_uid))
+        ``except_sop_uid``; bytes only ``with_bytes`` (a sum over its rows)."""
+        return self._read(lambda c: series_mod.series_usage(c, series_uid, except_sop_uid,
+                                                            with_bytes=with_bytes))
 
     def quarantine(self, sop_instance_uid: str, reason: str) -> Path | None:
         """Move an instance's stored file to ``<storage>/quarantine/`` with ``reason``
