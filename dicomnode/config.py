@@ -107,10 +107,24 @@ class StorageConfig:
     fsync: bool = True
     """Flush each file's data (fdatasync) before its rename and fsync its folder after,
     before acknowledging. Leave it on outside benchmarks of the disk."""
+    max_instance_mb: float = 0
+    """Largest data set (MiB) accepted in one C-STORE; a larger one is refused with
+    0xA702 and never written (the fast receive path stops keeping its bytes as soon as
+    the limit is passed). 0: unlimited. Allowed: 0 or more."""
+    max_series_instances: int = 0
+    """Most instances one series may hold; the instance that would exceed it is refused
+    with 0xA703 (an instance received again does not count twice). 0: unlimited.
+    Allowed: 0 or more."""
+    max_series_mb: float = 0
+    """Most bytes (MiB) of data sets one series may hold; the instance that would exceed
+    it is refused with 0xA703. 0: unlimited. Allowed: 0 or more."""
 
     def validate(self) -> None:
         if self.min_free_mb < 0:
             raise ConfigError("storage.min_free_mb: must be >= 0")
+        for name in ("max_instance_mb", "max_series_instances", "max_series_mb"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"storage.{name}: must be 0 (unlimited) or more")
 
 
 @dataclass(frozen=True)

@@ -111,7 +111,12 @@ from dicomnode.errors import (
 )
 from dicomnode.infer import ModelRegistry, StackChoice, VolumeBuffer, load_volume
 from dicomnode.infer.manifest import Refusal
-from dicomnode.infer.volume import NoStackInPlanes, describe_exclusions
+from dicomnode.infer.volume import (
+    UNREADABLE,
+    NoStackInPlanes,
+    describe_exclusions,
+    unreadable_reason,
+)
 from dicomnode.logs import kv
 from dicomnode.routing import RouteDecision, RoutingTable, SendTarget, representative
 from dicomnode.store import NewDelivery, Store
@@ -570,6 +575,17 @@ class Pipeline:
                 except NoStackInPlanes as exc:
                     refuse(name, Refusal("applies_to.planes", str(exc), True))
                     continue
+                except VolumeError as exc:
+                    # Unreadable files made the rest unusable (a gap in the stack):
+                    # still move them aside, so that sending them again recovers.
+                    if UNREADABLE in str(exc):
+                        self._quarantine_unreadable(job, [
+                            (r.sop_instance_uid, why) for r in refs
+                            if (why := unreadable_reason(Path(r.path))) is not None], report)
+                    raise
+                self._quarantine_unreadable(job, [
+                    (uid, e.reason) for e in by_stack[choice].excluded
+                    if e.reason.startswith(UNREADABLE) for uid in e.instances], report)
             volume = by_stack[choice]
             n = volume.shape[0]
             if n < manifest.applicability.min_slices:
@@ -593,6 +609,25 @@ class Pipeline:
         if used and job.series_version > 1:
             self._skip_if_nothing_new(job, refs, used, report)
         return models, chosen
+
+    def _quarantine_unreadable(self, job: Job, found: Sequence[tuple[str, str]],
+                               report: JobReport) -> None:
+        """Move the files the loader could not read at all (``(SOP Instance UID,
+        reason)``) to the quarantine, their rows flagged ``file_missing``; the job
+        goes on with the rest. Noted in the job's ``quarantined``."""
+        done: list[str] = report.notes.setdefault("quarantined", [])
+        for uid, reason in found:
+            if uid in done:
+                continue
+            try:
+                self.store.quarantine(uid, reason)
+            except (OSError, StoreError) as exc:  # never fail the job for it
+                log.warning("cannot quarantine an unreadable instance", extra=kv(
+                    job_id=job.id, sop_instance_uid=uid, error=str(exc)))
+                continue
+            done.append(uid)
+        if not done:
+            del report.notes["quarantined"]
 
     def _skip_if_nothing_new(self, job: Job, refs: Sequence[InstanceRef],
                              volumes: Sequence[Volume], report: JobReport) -> None:

@@ -9,7 +9,9 @@ Scenarios (``--scenarios``, comma-separated; default all three):
     committed row before 0x0000) and ``node.receivers = N`` receiving processes.
     With ``--http`` also ``http-rN``: the same with its HTTP side on and a client
     asking ``/metrics`` and ``/readyz`` every second (``node-rN`` runs have
-    ``http.enabled: false``).
+    ``http.enabled: false``). With ``--limits`` also ``limits-rN``: the same with
+    the size limits on (``storage.max_instance_mb``, ``max_series_instances``,
+    ``max_series_mb`` set above the data: nothing is refused, every check runs).
 ``serve``
     ``dicomnode serve`` as a user runs it: the default configuration (workers on,
     ``worker.processes`` 1, the embedded default routes), measured ``fresh``
@@ -130,6 +132,9 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+LIMITS = {"max_instance_mb": 64, "max_series_instances": 100000, "max_series_mb": 100000}
+
+
 def _scrape(http_port: int, proc: subprocess.Popen[bytes]) -> None:
     """A monitoring system and an open status page: /metrics and /readyz every second."""
     while proc.poll() is None:
@@ -145,7 +150,7 @@ def _scrape(http_port: int, proc: subprocess.Popen[bytes]) -> None:
 
 def start_node(work: Path, receivers: int, fsync: bool = True,
                src: Path | None = None, *, serve: bool = False, http: bool = False,
-               extra: dict[str, Any] | None = None) -> Running:
+               limits: bool = False, extra: dict[str, Any] | None = None) -> Running:
     """``dicomnode serve``: receive only (``--no-worker``), or with ``serve=True`` as a
     user runs it (workers on, default worker / completion / routing settings; its HTTP
     side on, as by default, on a free port). ``http``: the HTTP side on and scraped
@@ -155,7 +160,8 @@ def start_node(work: Path, receivers: int, fsync: bool = True,
     cfg: dict[str, Any] = {
         "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port,
                  "receivers": receivers, "max_pdu": 0},
-        "storage": {"path": str(work / "storage"), "min_free_mb": 0, "fsync": fsync},
+        "storage": {"path": str(work / "storage"), "min_free_mb": 0, "fsync": fsync,
+                    **(LIMITS if limits else {})},
         "database": {"url": f"sqlite:///{work / 'dicomnode.db'}"},
         "logging": {"level": "INFO"},
     }
@@ -331,7 +337,7 @@ def _table(args: argparse.Namespace, title: str, systems: list[str], sends: Send
             med = {name: statistics.median(times[(name, label)]) for name in systems}
             for name in systems:
                 t = med[name]
-                node = name.startswith(("node", "nofsync", "base", "serve", "http"))
+                node = name.startswith(("node", "nofsync", "base", "serve", "http", "limits"))
                 r = f"{statistics.median(rss[(name, label)]):.0f}" if node else "-"
                 vs_o = f"{med['orthanc'] / t:.2f}" if "orthanc" in med else "-"
                 vs_d = f"{med['storescp'] / t:.2f}" if "storescp" in med else "-"
@@ -341,6 +347,10 @@ def _table(args: argparse.Namespace, title: str, systems: list[str], sends: Send
                 base = "node-" + name[len("http-"):]
                 if name.startswith("http-") and base in med:
                     print(f"  {name} / {base} (HTTP side on and scraped / off): "
+                          f"time {med[name] / med[base]:.3f}")
+                base = "node-" + name[len("limits-"):]
+                if name.startswith("limits-") and base in med:
+                    print(f"  {name} / {base} (size limits checked / unlimited): "
                           f"time {med[name] / med[base]:.3f}")
 
 
@@ -368,6 +378,10 @@ def run_receive(args: argparse.Namespace, data: Dataset) -> None:
         for r in args.receivers:
             systems[f"http-r{r}"] = lambda w, r=r: start_node(  # type: ignore[misc]
                 w, r, http=True)
+    if args.limits:
+        for r in args.receivers:
+            systems[f"limits-r{r}"] = lambda w, r=r: start_node(  # type: ignore[misc]
+                w, r, limits=True)
     if args.base_src:
         for r in args.receivers:
             systems[f"base-r{r}"] = lambda w, r=r: start_node(  # type: ignore[misc]
@@ -569,6 +583,9 @@ def main() -> int:
     p.add_argument("--nofsync", action="store_true",
                    help="also run the node with storage.fsync off (diagnostic: what durability "
                         "costs; not a valid configuration for a clinical node)")
+    p.add_argument("--limits", action="store_true",
+                   help="receive: also run the node with the storage size limits on "
+                        "(limits-rN)")
     p.add_argument("--http", action="store_true",
                    help="receive: also measure http-rN, the node with its HTTP side on and "
                         "scraped every second")

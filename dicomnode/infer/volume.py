@@ -42,6 +42,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from dicomnode.codec import walker
 from dicomnode.codec.reader import NATIVE_LE, FastDataset, FileBuffer, read_fast
 from dicomnode.domain import Exclusion, FrameRef, Volume
 from dicomnode.errors import VolumeError
@@ -173,6 +174,52 @@ def _item(seq_owner: Dataset | None, keyword: str) -> Dataset | None:
     if not seq:
         return None
     return seq[0]
+
+
+#: Reasons of files that cannot be read at all start with this (the worker quarantines them).
+UNREADABLE = "unreadable: "
+# Transfer syntaxes whose data set the strict walker cannot check (deflated, big endian).
+_UNWALKABLE_TS = frozenset({"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"})
+
+
+def _uid_of(path: Path) -> str:
+    """The SOP Instance UID a stored file is named by (``<SOP UID>.dcm``)."""
+    return path.stem if path.suffix == ".dcm" else path.name
+
+
+def unreadable_reason(path: Path) -> str | None:
+    """Why ``path`` cannot be read at all (missing, not Part 10, truncated), or None.
+
+    pydicom reads a truncated file without complaint (it stops at the end of the
+    data, so a slice cut in its pixel data loses its pixels or its position
+    silently); the file meta and, for little-endian streams, the whole data set
+    are walked strictly by :mod:`dicomnode.codec.walker` first.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"{UNREADABLE}{exc.strerror or exc}"
+    if len(data) < 144 or data[128:132] != b"DICM":
+        return f"{UNREADABLE}not a DICOM Part 10 file (no DICM prefix)"
+    if data[132:136] != b"\x02\x00\x00\x00" or data[136:138] != b"UL":
+        return None  # no File Meta Information Group Length: pydicom decides
+    meta_end = 144 + int.from_bytes(data[140:144], "little")
+    view = memoryview(data)
+    try:
+        if meta_end > len(data):
+            return f"{UNREADABLE}file meta information runs past the end of the file"
+        meta = walker.walk(view[144:meta_end], explicit=True, want=frozenset({0x00020010}))
+        ts = meta.get(0x00020010, b"").decode("ascii", "replace").strip("\0 ")
+        if ts in _UNWALKABLE_TS:
+            return None
+        walker.walk(view[meta_end:], explicit=ts != "1.2.840.10008.1.2", want=frozenset())
+    except walker.TruncatedError as exc:
+        return f"{UNREADABLE}truncated ({exc})"
+    except walker.StructureError:
+        return None  # maybe another encoding than announced: pydicom decides
+    finally:
+        view.release()
+    return None
 
 
 def _header_frames(path: Path, ds: Any) -> list[_Frame]:
@@ -638,10 +685,17 @@ def load_volume(
     for path in files:
         ds: Any = read_fast(path, file_buffer)
         if ds is None:
-            try:
-                ds = pydicom.dcmread(path)
-            except Exception as exc:  # pydicom raises many types for unreadable input
-                raise VolumeError(f"{path.name}: not a readable DICOM file ({exc})") from exc
+            # A file that cannot be read at all is left out (and quarantined by the
+            # worker) rather than failing a series whose other images are usable.
+            why = unreadable_reason(path)
+            if why is None:
+                try:
+                    ds = pydicom.dcmread(path)
+                except Exception as exc:  # pydicom raises many types for unreadable input
+                    why = f"{UNREADABLE}{type(exc).__name__}: {exc}"
+            if why is not None:
+                excluded.append((_uid_of(path), why))
+                continue
         s_uid = str(ds.get("SeriesInstanceUID", ""))
         if series_uid is None:
             series_uid, study_uid = s_uid, str(ds.get("StudyInstanceUID", ""))

@@ -148,16 +148,32 @@ def p_data_pdus(context_id: int, command: bytes, max_pdu: int) -> bytes:
 
 
 StoreFn = Callable[[Any, Any, str, bytes | bytearray], int]
+TooLargeFn = Callable[[Any, Any, str, int], int]
+
+
+class _TooLarge:
+    """A data set over the size limit, read to its end and dropped."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int) -> None:
+        self.size = size
 
 
 class Pump:
     """Serve one established association's C-STORE / C-ECHO requests from its socket.
 
     ``store(assoc, context, command_sop_instance_uid, dataset_bytes) -> status``
-    stores one instance; the pump answers with its status.
+    stores one instance; the pump answers with its status. A data set longer than
+    ``max_dataset`` bytes (0: no limit) is read to its end without keeping its bytes
+    past the limit and answered with ``too_large(assoc, context, uid, size)``; the
+    association goes on. A P-DATA-TF PDU longer than ``max_pdu`` (the maximum length
+    the node announced, 0: unlimited) aborts the association, logged naming the peer.
     """
 
-    def __init__(self, assoc: Any, sock: socket.socket, flag: TakenFlag, store: StoreFn) -> None:
+    def __init__(self, assoc: Any, sock: socket.socket, flag: TakenFlag, store: StoreFn, *,
+                 max_dataset: int = 0, too_large: TooLargeFn | None = None,
+                 max_pdu: int = 0) -> None:
         self.assoc = assoc
         self.sock = sock
         self.flag = flag
@@ -172,6 +188,11 @@ class Pump:
         self.timeout = assoc.network_timeout
         self.last_io = time.monotonic()
         self.max_pdu = int(assoc.requestor.maximum_length or 0)
+        self.max_dataset = max_dataset if too_large is not None else 0
+        self.too_large = too_large
+        self.local_max_pdu = max_pdu
+        self._scratch: bytearray | None = None
+        self._got = 0  # data set bytes of the message being read
 
     # ------------------------------------------------------------------ reading
 
@@ -241,6 +262,24 @@ class Pump:
         while got < len(dest):
             got += self._recv(dest[got:], pending)
 
+    def _discard(self, n: int) -> None:
+        """Read ``n`` bytes and drop them (memory: one chunk)."""
+        if self._scratch is None:
+            self._scratch = bytearray(min(_CHUNK, 1 << 20))
+        view = memoryview(self._scratch)
+        try:
+            while n:
+                piece = min(n, len(view))
+                self._read_into(view[:piece], [])
+                n -= piece
+        finally:
+            view.release()
+
+    def _check_pdu(self, length: int) -> None:
+        if self.local_max_pdu and length > self.local_max_pdu:
+            self._violation(f"P-DATA-TF PDU of {length} bytes exceeds node.max_pdu "
+                            f"({self.local_max_pdu})")
+
     def _read_bytes(self, n: int, pending: list[bytes]) -> bytearray:
         out = bytearray(n)
         view = memoryview(out)
@@ -287,6 +326,7 @@ class Pump:
             if pdu_type != P_DATA_TF or length < 6:
                 raw.append(hdr + self._read_bytes(length, raw))
                 raise Handback(raw)
+            self._check_pdu(length)
             pdu = hdr + self._read_bytes(length, raw)
             raw.append(pdu)
             pos, done = 6, False
@@ -329,7 +369,10 @@ class Pump:
             raise Handback(raw)
         # ---- data set fragments: from here on the message is ours
         body = self._dataset(ctx_id, rest)
-        if not cls_uid or not inst_uid:
+        if isinstance(body, _TooLarge):
+            assert self.too_large is not None  # max_dataset is 0 without it
+            status = self.too_large(self.assoc, cx, inst_uid, body.size)
+        elif not cls_uid or not inst_uid:
             # Both are mandatory in a C-STORE-RQ (PS3.7 9.3.1.1); pynetdicom would fail
             # on it and leave the peer waiting. Answer "cannot understand" instead.
             log.warning("C-STORE request without Affected SOP Class/Instance UID", extra=kv(
@@ -340,9 +383,12 @@ class Pump:
             status = self.store(self.assoc, cx, inst_uid, body)
         self._send(ctx_id, fastrsp.encode_store_rsp(cls_uid, inst_uid, msg_id, status))
 
-    def _dataset(self, ctx_id: int, rest: bytes) -> bytes | bytearray:
+    def _dataset(self, ctx_id: int, rest: bytes) -> bytes | bytearray | _TooLarge:
+        """The data set's bytes, or :class:`_TooLarge` once more than ``max_dataset``
+        came (the rest is read and dropped, so the next message is found)."""
         parts: list[bytes | bytearray] = []
         done = False
+        self._got = 0
         if rest:
             done = self._items(rest, 0, ctx_id, parts)
         while not done:
@@ -352,10 +398,13 @@ class Pump:
                 # A release or abort in the middle of a data set: the message is lost
                 # (never acknowledged); pynetdicom handles the PDU.
                 raise Handback([hdr + self._read_bytes(length, [])])
+            self._check_pdu(length)
             if length >= 6 + 65536:
                 done = self._big_pdu(length, ctx_id, parts)
             else:
                 done = self._items(self._read_bytes(length, []), 0, ctx_id, parts)
+        if self.max_dataset and self._got > self.max_dataset:
+            return _TooLarge(self._got)
         if len(parts) == 1:
             return parts[0]  # one fragment (a large PDU): no copy
         return b"".join(parts)
@@ -375,7 +424,7 @@ class Pump:
                 cid, ctrl = pdu[pos + 4], pdu[pos + 5]
                 if cid != ctx_id or ctrl & 0x01:
                     self._violation("command or other context inside a data set")
-                parts.append(bytes(view[pos + 6:pos + 4 + item_len]))
+                self._keep(parts, bytes(view[pos + 6:pos + 4 + item_len]))
                 pos += 4 + item_len
                 done = bool(ctrl & 0x02)
         finally:
@@ -397,14 +446,31 @@ class Pump:
                 self._violation("presentation data value item length out of range")
             if cid != ctx_id or ctrl & 0x01:
                 self._violation("command or other context inside a data set")
-            parts.append(self._read_bytes(item_len - 2, []))
+            if self._over(item_len - 2):
+                self._discard(item_len - 2)
+                parts.clear()
+            else:
+                parts.append(self._read_bytes(item_len - 2, []))
             left -= 4 + item_len
             done = bool(ctrl & 0x02)
         return done
 
+    def _over(self, n: int) -> bool:
+        """Count ``n`` more data set bytes; True once past ``max_dataset``."""
+        self._got += n
+        return bool(self.max_dataset) and self._got > self.max_dataset
+
+    def _keep(self, parts: list[bytes | bytearray], fragment: bytes) -> None:
+        if self._over(len(fragment)):
+            parts.clear()  # over the limit: keep nothing more
+        else:
+            parts.append(fragment)
+
     def _violation(self, what: str) -> None:
+        req = self.assoc.requestor
         log.warning("protocol error from peer: aborting association", extra=kv(
-            assoc=self.assoc.name, calling_aet=self.assoc.requestor.ae_title, error=what))
+            assoc=self.assoc.name, calling_aet=req.ae_title,
+            peer=f"{req.address}:{req.port}", error=what))
         raise Handback([], abort=True)
 
     def _send(self, ctx_id: int, command: bytes) -> None:

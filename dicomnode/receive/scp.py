@@ -8,6 +8,8 @@ docs/receiving.md):
 ========  ============================================================
 0xA700    free disk below ``storage.min_free_mb`` (checked before writing)
 0xA701    the store could not write the file or commit the row
+0xA702    data set larger than ``storage.max_instance_mb`` (nothing written)
+0xA703    the series would exceed ``storage.max_series_instances`` / ``_mb``
 0xA900    SOP Class (or Instance) UID in the dataset differs from the request
 0xC210    dataset cannot be decoded
 0xC220    Study/Series/SOP Instance UID or SOP Class UID missing
@@ -48,6 +50,7 @@ from dicomnode.errors import StoreError
 from dicomnode.logs import kv
 from dicomnode.receive import fastrsp, pump
 from dicomnode.store import (
+    IngestOutcome,
     InvalidUIDError,
     MissingAttributeError,
     Store,
@@ -61,6 +64,9 @@ log = logging.getLogger(__name__)
 SUCCESS = 0x0000
 OUT_OF_DISK = 0xA700
 STORE_FAILED = 0xA701
+# PS3.4 C.4.2.1.4: A7xx is "Refused: Out of Resources"; the low byte is ours.
+INSTANCE_TOO_LARGE = 0xA702
+SERIES_TOO_LARGE = 0xA703
 SOP_MISMATCH = 0xA900
 CANNOT_DECODE = 0xC210
 MISSING_ATTRIBUTE = 0xC220
@@ -135,6 +141,18 @@ def _recv_exactly(assoc_sock: Any, nr_bytes: int) -> bytearray:
         view.release()
     if got < nr_bytes:
         del buf[got:]
+    limit = getattr(assoc_sock, "pdu_limit", 0)
+    if limit and nr_bytes == 6 and got == 6 and buf[0] == 0x04:
+        # A P-DATA-TF header (pynetdicom reads each PDU's 6-byte header, then its
+        # body): refuse one longer than we announced before its bytes are read.
+        length = int.from_bytes(buf[2:6], "big")
+        if length > limit:
+            assoc = getattr(assoc_sock, "pdu_assoc", None)
+            log.warning("protocol error from peer: aborting association", extra=kv(
+                **(_assoc_fields(assoc) if assoc is not None else {}),
+                error=f"P-DATA-TF PDU of {length} bytes exceeds node.max_pdu ({limit})"))
+            # As if the connection had closed: pynetdicom drops it (Evt17) quietly.
+            return bytearray()
     return buf
 
 
@@ -240,6 +258,8 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._space_at = -1e9
         self._space_free = 0.0
+        # Series UID -> [instances, bytes, when asked] (storage.max_series_*).
+        self._series_seen: dict[str, list[Any]] = {}
         # Called when an instance completed its series by count (a job is due).
         self.on_job: Any = None
         self.audit = AuditLog.from_settings(settings, role="scp")
@@ -334,6 +354,9 @@ class StorageSCP:
         # pynetdicom reads PDUs 4 KiB per recv() call (130 calls and copies for
         # a CT slice); read straight into the PDU buffer instead.
         assoc_sock.recv = types.MethodType(_recv_exactly, assoc_sock)
+        if self.settings.node.max_pdu:
+            assoc_sock.pdu_limit = self.settings.node.max_pdu
+            assoc_sock.pdu_assoc = event.assoc
         if type(assoc_sock) is AssociationSocket:
             assoc_sock.__class__ = WaitingSocket
         fastrsp.install(event.assoc.dimse)
@@ -361,7 +384,10 @@ class StorageSCP:
             raw = assoc_sock.socket
             if flag.taken and raw is not None:
                 try:
-                    hb = pump.Pump(assoc, raw, flag, self._store_bytes).run()
+                    hb = pump.Pump(assoc, raw, flag, self._store_bytes,
+                                   max_dataset=self._max_instance_bytes(),
+                                   too_large=self._refuse_too_large,
+                                   max_pdu=self.settings.node.max_pdu).run()
                 except Exception as exc:  # noqa: BLE001 - never leave the association hanging
                     log.exception("receive loop failed: aborting association", extra=kv(
                         **_assoc_fields(assoc), error=f"{type(exc).__name__}: {exc}"))
@@ -409,7 +435,8 @@ class StorageSCP:
         else:
             reason = "max_associations"
             log.warning("rejecting association: node.max_associations reached (transient)",
-                        extra=kv(assoc=a.name, calling_aet=calling,
+                        extra=kv(assoc=a.name, calling_aet=calling, called_aet=called,
+                                 peer=f"{a.requestor.address}:{a.requestor.port}",
                                  max_associations=n.max_associations))
         with guard():
             METRICS.associations_refused.labels(reason).inc()
@@ -503,6 +530,66 @@ class StorageSCP:
         METRICS.instance(assoc.requestor.ae_title, status, len(body))
         return status
 
+    def _max_instance_bytes(self) -> int:
+        return int(self.settings.storage.max_instance_mb * 1048576)
+
+    def _refuse_too_large(self, assoc: Any, ctx: Any, sop_uid_cmd: str, size: int) -> int:
+        """The answer to a data set over ``storage.max_instance_mb`` (nothing written)."""
+        status = self._fail(assoc, INSTANCE_TOO_LARGE,
+                            "refusing instance: larger than storage.max_instance_mb",
+                            mb=round(size / 1048576, 2),
+                            max_instance_mb=self.settings.storage.max_instance_mb,
+                            sop_instance_uid=sop_uid_cmd)
+        with guard():
+            METRICS.instance(assoc.requestor.ae_title, status, size)
+        return status
+
+    def _series_fits(self, count: int, nbytes: int, size: int) -> bool:
+        cfg = self.settings.storage
+        return not ((cfg.max_series_instances and count + 1 > cfg.max_series_instances)
+                    or (cfg.max_series_mb and nbytes + size > cfg.max_series_mb * 1048576))
+
+    def _series_room(self, assoc: Any, series_uid: str, sop_uid: str, size: int) -> int | None:
+        """A refusal status if this instance would take its series over
+        ``storage.max_series_instances`` / ``storage.max_series_mb``.
+
+        What the series holds is asked of the store at most every ``_SPACE_CHECK_S``
+        seconds per series and process, plus what this process stored since; an
+        instance that seems not to fit is checked against the store before refusing
+        (an instance sent again replaces itself and always fits).
+        """
+        cfg = self.settings.storage
+        if not cfg.max_series_instances and not cfg.max_series_mb:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            seen = self._series_seen.get(series_uid)
+        if (seen is not None and now - seen[2] <= _SPACE_CHECK_S
+                and self._series_fits(seen[0], seen[1], size)):
+            return None
+        try:
+            count, nbytes = self.store.series_usage(series_uid, sop_uid,
+                                                    with_bytes=bool(cfg.max_series_mb))
+        except StoreError as exc:
+            return self._fail(assoc, STORE_FAILED, "cannot check the series size limit",
+                              error=str(exc), sop_instance_uid=sop_uid)
+        with self._lock:
+            if len(self._series_seen) > 4096:
+                self._series_seen.clear()
+            self._series_seen[series_uid] = [count, nbytes, now]
+        if cfg.max_series_instances and count + 1 > cfg.max_series_instances:
+            return self._fail(assoc, SERIES_TOO_LARGE,
+                              "refusing instance: series holds storage.max_series_instances",
+                              series_uid=series_uid, instances=count,
+                              max_series_instances=cfg.max_series_instances,
+                              sop_instance_uid=sop_uid)
+        if cfg.max_series_mb and nbytes + size > cfg.max_series_mb * 1048576:
+            return self._fail(assoc, SERIES_TOO_LARGE,
+                              "refusing instance: series would exceed storage.max_series_mb",
+                              series_uid=series_uid, mb=round(nbytes / 1048576, 2),
+                              max_series_mb=cfg.max_series_mb, sop_instance_uid=sop_uid)
+        return None
+
     def _has_space(self, incoming: int) -> bool:
         """``storage.min_free_mb`` is still free after ``incoming`` more bytes.
 
@@ -522,6 +609,14 @@ class StorageSCP:
 
     def _store_checked(self, assoc: Any, ctx: Any, sop_uid_cmd: str,
                        body: bytes | bytearray) -> int:
+        limit = self._max_instance_bytes()
+        if limit and len(body) > limit:
+            # pynetdicom's own path has the whole data set in memory by now (never on disk).
+            return self._fail(assoc, INSTANCE_TOO_LARGE,
+                              "refusing instance: larger than storage.max_instance_mb",
+                              mb=round(len(body) / 1048576, 2),
+                              max_instance_mb=self.settings.storage.max_instance_mb,
+                              sop_instance_uid=sop_uid_cmd)
         if not self._has_space(len(body)):
             return self._fail(assoc, OUT_OF_DISK, "refusing instance: disk space below minimum",
                               free_mb=round(self.store.free_mb()),
@@ -552,6 +647,9 @@ class StorageSCP:
             return self._fail(assoc, SOP_MISMATCH, "SOP Instance UID differs from the command",
                               dataset_sop_instance=meta.sop_instance_uid,
                               command_sop_instance=sop_uid_cmd)
+        refused = self._series_room(assoc, meta.series_uid, meta.sop_instance_uid, len(body))
+        if refused is not None:
+            return refused
         meta = meta.with_peer(calling, self.settings.node.ae_title)
         try:
             result = self.store.ingest(meta, (head, body))
@@ -563,6 +661,12 @@ class StorageSCP:
             return self._fail(assoc, STORE_FAILED, "cannot record instance", error=str(exc),
                               sop_instance_uid=meta.sop_instance_uid)
         self._count(assoc, True, len(body), meta.study_uid)
+        if result.outcome is IngestOutcome.STORED and self._series_seen:
+            with self._lock:
+                seen = self._series_seen.get(meta.series_uid)
+                if seen is not None:
+                    seen[0] += 1
+                    seen[1] += len(body)
         if result.job is not None:
             with guard():
                 METRICS.series_completed.inc()

@@ -25,6 +25,9 @@ _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 TMP_SUFFIX = ".tmp"
 INSTANCE_SUFFIX = ".dcm"
+#: Folder (under ``storage.path``) of stored files that could not be read, with the reason.
+QUARANTINE_DIR = "quarantine"
+REASON_SUFFIX = ".reason.txt"
 
 
 def is_valid_uid(value: object) -> bool:
@@ -211,9 +214,10 @@ def list_instance_files(root: Path) -> list[Path]:
     read-only (temporary files of C-STOREs in progress are left alone)."""
     found: list[Path] = []
     outputs_dir = root / "outputs"
+    skipped = (outputs_dir, root / QUARANTINE_DIR)
     for dirpath, dirnames, filenames in os.walk(root):
         d = Path(dirpath)
-        if d == outputs_dir:
+        if d in skipped:
             dirnames[:] = []
             continue
         found.extend(d / n for n in filenames if n.endswith(INSTANCE_SUFFIX))
@@ -225,13 +229,17 @@ def scan_instances(root: Path) -> tuple[list[Path], int]:
     temporary files removed (their C-STORE never got a success status).
 
     Returns ``(instance files, temporary files removed)``. The objects the node
-    produced (``outputs/job-*``) are not walked.
+    produced (``outputs/job-*``) and the quarantine are not walked.
     """
     found: list[Path] = []
     temp_removed = 0
     outputs_dir = root / "outputs"
+    quarantine_dir = root / QUARANTINE_DIR
     for dirpath, dirnames, filenames in os.walk(root):
         d = Path(dirpath)
+        if d == quarantine_dir:
+            dirnames[:] = []
+            continue
         if d == outputs_dir:
             dirnames[:] = []
         for name in filenames:
@@ -242,6 +250,30 @@ def scan_instances(root: Path) -> tuple[list[Path], int]:
             elif name.endswith(INSTANCE_SUFFIX) and d != outputs_dir:
                 found.append(p)
     return found, temp_removed
+
+
+def quarantine_relpath(rel: str | Path) -> Path:
+    """Where the stored file ``rel`` goes in the quarantine (same relative layout)."""
+    return Path(QUARANTINE_DIR, rel)
+
+
+def quarantine(root: Path, rel: str | Path, reason: str) -> Path:
+    """Move the stored file ``root/rel`` to ``root/quarantine/rel`` and write the reason
+    beside it (``<file>.reason.txt``); return the new path. A file already gone is
+    quarantined as its reason alone."""
+    src = root / rel
+    dest = root / quarantine_relpath(rel)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    note = dest.with_name(dest.name + REASON_SUFFIX)
+    atomic_write(note, reason.rstrip("\n").encode("utf-8") + b"\n")
+    try:
+        os.replace(src, dest)
+    except FileNotFoundError:
+        pass
+    else:
+        fsync_dir(dest.parent)
+        fsync_dir(src.parent)
+    return dest
 
 
 def remove_quietly(path: Path) -> None:

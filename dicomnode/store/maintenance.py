@@ -171,6 +171,11 @@ def check(conn: Connection, root: Path) -> CheckReport:
         report.problems.append(Finding("instance rows whose file is gone (not yet flagged)",
                                        len(missing), _examples(missing)))
     flagged = sorted(rel for rel, (_uid, f) in rows.items() if f and rel not in on_disk)
+    # Flagged rows whose file the worker moved aside (unreadable): expected, counted.
+    quarantined = [rel for rel in flagged
+                   if (root / files.quarantine_relpath(rel)).exists()]
+    report.counts["quarantined instances"] = len(quarantined)
+    flagged = sorted(set(flagged) - set(quarantined))
     if flagged:
         report.problems.append(Finding("instance rows flagged file_missing", len(flagged),
                                        _examples(flagged)))

@@ -218,6 +218,35 @@ def existing_instance(conn: Connection, sop_uid: str) -> tuple[str, bool, int] |
     return None if r is None else (r.path, bool(r.file_missing), r.version)
 
 
+def series_usage(conn: Connection, series_uid: str, except_sop_uid: str, *,
+                 with_bytes: bool = True) -> tuple[int, int]:
+    """``(instances, bytes)`` the series holds, not counting ``except_sop_uid`` (an
+    instance received again replaces itself).
+
+    The count is the newest version's cumulative ``instance_count`` (one row, not a
+    scan); the bytes (only ``with_bytes``, else 0) sum the sizes of its instance
+    rows whose file is present.
+    """
+    se = conn.execute(select(series.c.id, versions.c.instance_count)
+                      .join(versions, (versions.c.series_id == series.c.id)
+                            & (versions.c.version == series.c.current_version))
+                      .where(series.c.series_uid == series_uid)).first()
+    if se is None:
+        return 0, 0
+    count = int(se.instance_count)
+    if except_sop_uid and conn.execute(select(instances.c.id).where(
+            instances.c.sop_instance_uid == except_sop_uid,
+            instances.c.series_id == se.id)).first() is not None:
+        count -= 1
+    nbytes = 0
+    if with_bytes:
+        nbytes = int(conn.execute(
+            select(func.coalesce(func.sum(instances.c.size), 0)).where(
+                instances.c.series_id == se.id, instances.c.sop_instance_uid != except_sop_uid,
+                instances.c.file_missing.is_(False))).scalar_one())
+    return max(count, 0), nbytes
+
+
 def flag_file_missing(conn: Connection, sop_uid: str, relpath: str) -> None:
     """Flag the row of an instance whose file at ``relpath`` failed to become durable."""
     conn.execute(update(instances).where(instances.c.sop_instance_uid == sop_uid,

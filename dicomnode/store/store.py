@@ -264,6 +264,30 @@ class Store:
             files.remove_quietly(self.root / replaced)
         return result
 
+    def series_usage(self, series_uid: str, except_sop_uid: str = "", *,
+                     with_bytes: bool = True) -> tuple[int, int]:
+        """``(instances, bytes)`` series ``series_uid`` holds (its newest version: a
+        version holds every instance received before it), not counting
+        ``except_sop_uid``; bytes only ``with_bytes`` (a sum over its rows)."""
+        return self._read(lambda c: series_mod.series_usage(c, series_uid, except_sop_uid,
+                                                            with_bytes=with_bytes))
+
+    def quarantine(self, sop_instance_uid: str, reason: str) -> Path | None:
+        """Move an instance's stored file to ``<storage>/quarantine/`` with ``reason``
+        beside it (``.reason.txt``) and flag its row ``file_missing``: the series'
+        jobs no longer see it and ``dicomnode db check`` counts it as quarantined.
+        Sending the instance again stores it afresh (and clears the flag).
+        Returns the quarantined path, or None when the instance has no row."""
+        existing = self._existing(sop_instance_uid)
+        if existing is None:
+            return None
+        rel = existing[0]
+        dest = files.quarantine(self.root, rel, reason)
+        self._tx(lambda c: series_mod.flag_file_missing(c, sop_instance_uid, rel))
+        log.warning("instance quarantined", extra=kv(sop_instance_uid=sop_instance_uid,
+                                                     path=str(dest), reason=reason))
+        return dest
+
     def _existing(self, sop_uid: str) -> tuple[str, bool, int] | None:
         return self._read(lambda c: series_mod.existing_instance(c, sop_uid))
 

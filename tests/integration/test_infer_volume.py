@@ -173,11 +173,31 @@ def test_rejects_mixed_matrix_and_non_images(small_series: list[Path], tmp_path:
         load_volume(small_series)
     junk = tmp_path / "junk.dcm"
     junk.write_bytes(b"not dicom at all")
-    with pytest.raises(VolumeError, match="junk.dcm: not a readable DICOM file"):
+    with pytest.raises(VolumeError, match="1 image: unreadable: not a DICOM Part 10 file"):
         load_volume([junk])
     with pytest.raises(VolumeError, match="empty series"):
         load_volume([])
 
+
+
+def test_unreadable_files_are_left_out_with_the_reason(small_series: list[Path],
+                                                       tmp_path: Path) -> None:
+    """A file truncated on disk (pydicom would read it silently, short) and one that is
+    not DICOM at all are left out; the rest is the volume."""
+    full = load_volume(small_series)
+    last = small_series[-1]  # an end of the stack: the rest stays regularly spaced
+    data = last.read_bytes()
+    last.write_bytes(data[:-100])
+    junk = tmp_path / "1.2.3.4.dcm"
+    junk.write_bytes(b"\0" * 300)
+    vol = load_volume([*small_series, junk])
+    assert vol.shape[0] == full.shape[0] - 1
+    reasons = {e.reason: e.instances for e in vol.excluded}
+    [trunc] = [r for r in reasons if r.startswith("unreadable: truncated")]
+    assert reasons[trunc] == (last.stem,)
+    assert reasons["unreadable: not a DICOM Part 10 file (no DICM prefix)"] == ("1.2.3.4",)
+    assert np.array_equal(vol.array, full.array[:-1]) or np.array_equal(vol.array,
+                                                                        full.array[1:])
 
 
 # --------------------------------------------------------------------------- fast header path
