@@ -195,11 +195,12 @@ class Supervisor:
                         wait = max(wait, CLEAN_EXIT_GRACE_S)
                     slot.restart_at = now + wait
                     process_dead(slot.proc.pid)  # its live gauges (active associations)
-                    log.log(logging.WARNING if code == 0 else logging.ERROR,
-                            f"{self.name} process " + ("exited" if code == 0 else "died")
-                            + "; restarting", extra=kv(
-                                service=self.name, index=slot.index, exitcode=code,
-                                restart_in_s=wait))
+                    fields = kv(service=self.name, index=slot.index, exitcode=code,
+                                restart_in_s=wait)
+                    if code == 0:
+                        log.warning(f"{self.name} process exited; restarting", extra=fields)
+                    else:
+                        log.error(f"{self.name} process died; restarting", extra=fields)
                     self._release([self._dead(slot)],
                                   f"{self.name} process died (exit code {code})")
                 if now >= slot.restart_at:
