@@ -399,10 +399,9 @@ class StorageSCP:
         # pynetdicom's reactor then serves whatever the pump handed back, and the rest.
         run_before_reactor(assoc, serve_established)
 
-    def _on_requested(self, event: Any) -> None:
-        # pynetdicom rejects by itself (require_called_aet / require_calling_aet);
-        # this only says why in our log, naming the peer.
-        a = event.assoc
+    def _refusal(self, a: Any) -> tuple[dict[str, Any], str | None, str]:
+        """The requestor's fields, and why pynetdicom refuses (or refused) the
+        association by its AE titles: ``(fields, metric label or None, reason)``."""
         n = self.settings.node
         prim = a.requestor.primitive
         calling = str(prim.calling_ae_title).strip() if prim is not None else ""
@@ -410,36 +409,36 @@ class StorageSCP:
         fields = {"assoc": a.name, "calling_aet": calling, "called_aet": called,
                   "peer": f"{a.requestor.address}:{a.requestor.port}"}
         if called != n.ae_title:
-            log.warning("rejecting association: called AE title is not ours",
-                        extra=kv(**fields, expected=n.ae_title))
-            self.audit.safe_record(AuditEvent.ASSOCIATION_REJECTED, "minor-failure",
-                                   reason="called AE title is not ours", **fields)
-        elif n.allowed_calling_aets and calling not in n.allowed_calling_aets:
-            log.warning("rejecting association: calling AE title not allowed", extra=kv(**fields))
-            self.audit.safe_record(AuditEvent.ASSOCIATION_REJECTED, "minor-failure",
-                                   reason="calling AE title not allowed", **fields)
-        else:
+            return fields, "called_ae_title", "called AE title is not ours"
+        if n.allowed_calling_aets and calling not in n.allowed_calling_aets:
+            return fields, "calling_ae_title", "calling AE title not allowed"
+        return fields, None, ""
+
+    def _on_requested(self, event: Any) -> None:
+        # pynetdicom rejects by itself (require_called_aet / require_calling_aet);
+        # this only says why in our log, naming the peer, as it happens.
+        fields, label, _ = self._refusal(event.assoc)
+        if label is None:
             log.debug("association requested", extra=kv(**fields))
+        elif label == "called_ae_title":
+            log.warning("rejecting association: called AE title is not ours",
+                        extra=kv(**fields, expected=self.settings.node.ae_title))
+        else:
+            log.warning("rejecting association: calling AE title not allowed",
+                        extra=kv(**fields))
 
     def _on_rejected(self, event: Any) -> None:
-        # pynetdicom rejected it (the reasons _on_requested logs, or its own limit).
-        a = event.assoc
-        n = self.settings.node
-        prim = a.requestor.primitive
-        calling = str(prim.calling_ae_title).strip() if prim is not None else ""
-        called = str(prim.called_ae_title).strip() if prim is not None else ""
-        if called != n.ae_title:
-            reason = "called_ae_title"
-        elif n.allowed_calling_aets and calling not in n.allowed_calling_aets:
-            reason = "calling_ae_title"
-        else:
-            reason = "max_associations"
+        # pynetdicom rejected it: the AE-title reasons _on_requested logged, or its own
+        # association limit. Counted and audited here, for every reason alike.
+        fields, label, reason = self._refusal(event.assoc)
+        if label is None:
+            label, reason = "max_associations", "node.max_associations reached"
             log.warning("rejecting association: node.max_associations reached (transient)",
-                        extra=kv(assoc=a.name, calling_aet=calling, called_aet=called,
-                                 peer=f"{a.requestor.address}:{a.requestor.port}",
-                                 max_associations=n.max_associations))
+                        extra=kv(**fields, max_associations=self.settings.node.max_associations))
         with guard():
-            METRICS.associations_refused.labels(reason).inc()
+            METRICS.associations_refused.labels(label).inc()
+        self.audit.safe_record(AuditEvent.ASSOCIATION_REJECTED, "minor-failure", reason=reason,
+                               **fields)
 
     def _on_accepted(self, event: Any) -> None:
         with self._lock:

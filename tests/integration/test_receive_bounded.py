@@ -13,6 +13,7 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
+from dicomnode.audit import read
 from dicomnode.store import Store
 from tests.support.peers import dcmtk
 from tests.support.raw_assoc import (
@@ -146,6 +147,10 @@ def test_association_over_max_associations_is_logged(tmp_path: Path) -> None:
         assert n.stop() == 0, n.log()[-3000:]
     line = next(ln for ln in n.log().splitlines() if "node.max_associations reached" in ln)
     assert "TESTSCU" in line and "127.0.0.1:" in line
+    trail = [rec for _n, rec, _raw in read(n.workdir / "audit.jsonl") if rec]
+    rejected = [r for r in trail if r["event"] == "association-rejected"]
+    assert [(r["calling_aet"], r["reason"]) for r in rejected] == \
+        [("TESTSCU", "node.max_associations reached")]
 
 
 @pytest.mark.parametrize("fast_receive", [True, False], ids=["pump", "pynetdicom"])
