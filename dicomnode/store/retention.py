@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Connection, delete, func, select
 
@@ -60,28 +61,48 @@ class ResultUsage:
     blocked: str
 
 
-def _blocked(conn: Connection, study_id: int, study_uid: str) -> str:
+def _reason(receiving: int, open_jobs: int, owed: int) -> str:
     """Why a study's instances must stay ("" when nothing is owed for them)."""
-    receiving = conn.execute(
-        select(func.count()).select_from(versions_t.join(series,
-                                                          series.c.id == versions_t.c.series_id))
-        .where(series.c.study_id == study_id, versions_t.c.state == _RECEIVING)).scalar()
     if receiving:
         return "a series is still receiving"
-    open_jobs = conn.execute(select(func.count()).select_from(jobs).where(
-        jobs.c.study_uid == study_uid, jobs.c.state.in_(_OPEN_JOBS))).scalar()
     if open_jobs:
         return f"{open_jobs} job(s) pending or running"
-    owed = conn.execute(select(func.count()).select_from(
-        deliveries.join(jobs, jobs.c.id == deliveries.c.job_id)).where(
-        jobs.c.study_uid == study_uid, deliveries.c.state.in_(_OPEN_DELIVERIES))).scalar()
     if owed:
         return f"{owed} delivery(ies) still to be sent"
     return ""
 
 
+def _receiving_q() -> Any:
+    return (select(series.c.study_id, func.count())
+            .select_from(versions_t.join(series, series.c.id == versions_t.c.series_id))
+            .where(versions_t.c.state == _RECEIVING).group_by(series.c.study_id))
+
+
+def _open_jobs_q() -> Any:
+    return (select(jobs.c.study_uid, func.count()).where(jobs.c.state.in_(_OPEN_JOBS))
+            .group_by(jobs.c.study_uid))
+
+
+def _owed_q(key: Any) -> Any:
+    """Deliveries still to be sent, counted per ``key`` (a jobs column)."""
+    return (select(key, func.count())
+            .select_from(deliveries.join(jobs, jobs.c.id == deliveries.c.job_id))
+            .where(deliveries.c.state.in_(_OPEN_DELIVERIES)).group_by(key))
+
+
+def _blocked(conn: Connection, study_id: int, study_uid: str) -> str:
+    """:func:`_reason` for one study (re-checked inside the purging transaction)."""
+    receiving = dict(conn.execute(_receiving_q().where(series.c.study_id == study_id)).all())
+    open_jobs = dict(conn.execute(_open_jobs_q().where(jobs.c.study_uid == study_uid)).all())
+    owed = dict(conn.execute(_owed_q(jobs.c.study_uid).where(
+        jobs.c.study_uid == study_uid)).all())
+    return _reason(receiving.get(study_id, 0), open_jobs.get(study_uid, 0),
+                   owed.get(study_uid, 0))
+
+
 def study_usage(conn: Connection) -> list[StudyUsage]:
-    """Every study with stored instances, oldest last arrival first."""
+    """Every study with stored instances, oldest last arrival first (a fixed number of
+    grouped queries, however many studies)."""
     rows = conn.execute(
         select(studies.c.id, studies.c.study_uid, func.max(instances.c.received_at),
                func.count(instances.c.id), func.coalesce(func.sum(instances.c.size), 0))
@@ -90,15 +111,19 @@ def study_usage(conn: Connection) -> list[StudyUsage]:
         .where(instances.c.file_missing.is_(False))
         .group_by(studies.c.id, studies.c.study_uid)
         .order_by(func.max(instances.c.received_at), studies.c.id)).all()
-    out = []
-    for sid, uid, last, n, size in rows:
-        aets = tuple(sorted(a for a in conn.execute(
-            select(instances.c.calling_aet).distinct()
-            .select_from(instances.join(series, series.c.id == instances.c.series_id))
-            .where(series.c.study_id == sid)).scalars() if a is not None))
-        out.append(StudyUsage(sid, uid, aware(last) or last, int(n), int(size), aets,
-                              _blocked(conn, sid, uid)))
-    return out
+    aets: dict[int, set[str]] = {}
+    for sid, aet in conn.execute(
+            select(series.c.study_id, instances.c.calling_aet).distinct()
+            .select_from(instances.join(series, series.c.id == instances.c.series_id))):
+        if aet is not None:
+            aets.setdefault(sid, set()).add(aet)
+    receiving = dict(conn.execute(_receiving_q()).all())
+    open_jobs = dict(conn.execute(_open_jobs_q()).all())
+    owed = dict(conn.execute(_owed_q(jobs.c.study_uid)).all())
+    return [StudyUsage(sid, uid, aware(last) or last, int(n), int(size),
+                       tuple(sorted(aets.get(sid, ()))),
+                       _reason(receiving.get(sid, 0), open_jobs.get(uid, 0), owed.get(uid, 0)))
+            for sid, uid, last, n, size in rows]
 
 
 def result_usage(conn: Connection) -> list[ResultUsage]:
@@ -109,16 +134,15 @@ def result_usage(conn: Connection) -> list[ResultUsage]:
         .select_from(outputs.join(jobs, jobs.c.id == outputs.c.job_id))
         .group_by(jobs.c.id, jobs.c.study_uid, jobs.c.finished_at, jobs.c.state)
         .order_by(jobs.c.finished_at, jobs.c.id)).all()
+    owed = dict(conn.execute(_owed_q(jobs.c.id)).all())
     out = []
     for jid, uid, finished, state, n in rows:
-        blocked = ""
         if state in _OPEN_JOBS:
             blocked = f"job {state}"
+        elif owed.get(jid):
+            blocked = f"{owed[jid]} delivery(ies) still to be sent"
         else:
-            owed = conn.execute(select(func.count()).select_from(deliveries).where(
-                deliveries.c.job_id == jid, deliveries.c.state.in_(_OPEN_DELIVERIES))).scalar()
-            if owed:
-                blocked = f"{owed} delivery(ies) still to be sent"
+            blocked = ""
         out.append(ResultUsage(jid, uid, aware(finished), int(n), blocked))
     return out
 
@@ -143,9 +167,7 @@ def take_results(conn: Connection, job_id: int) -> list[str] | None:
     state = conn.execute(select(jobs.c.state).where(jobs.c.id == job_id)).scalar()
     if state is None or state in _OPEN_JOBS:
         return None
-    owed = conn.execute(select(func.count()).select_from(deliveries).where(
-        deliveries.c.job_id == job_id, deliveries.c.state.in_(_OPEN_DELIVERIES))).scalar()
-    if owed:
+    if conn.execute(_owed_q(jobs.c.id).where(jobs.c.id == job_id)).first() is not None:
         return None
     paths = list(conn.execute(select(outputs.c.path).where(
         outputs.c.job_id == job_id)).scalars())
